@@ -1,0 +1,130 @@
+"""Sampling parameters and the sampler.
+
+Sampling runs on the host, in NumPy, for every backend: the runner hands back float32
+logits and each request draws its uniforms from its own ``numpy.random.Generator``
+(seeded from ``SamplingParams.seed``). With equal logits both backends therefore pick the
+same tokens, and a request's tokens never depend on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens, with the fields and meanings of vLLM's ``SamplingParams``.
+
+    Raises ``ValueError`` naming the field and the allowed range on a bad value.
+    """
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1: all tokens
+    top_p: float = 1.0  # nucleus: the smallest set with this much probability
+    min_p: float = 0.0  # drop tokens below min_p * the top token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or output
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: until EOS or the model's context is full
+    stop: list[str] = field(default_factory=list)  # never included in the output text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # return the top-n log-probabilities per generated token
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
+        _check(self.top_k >= -1, "top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "(0, 1]")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "[0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0 (1 disables it)")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1 or None")
+        _check(self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, ">= 0 or None")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(all(int(t) >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+               "non-negative token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: allowed values are {allowed}")
+
+
+def make_generator(seed: int | None) -> np.random.Generator:
+    """The per-request random stream (fresh entropy when ``seed`` is None)."""
+    return np.random.default_rng(seed)
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen_token_ids: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty (Keskar et al., 2019): divide positive logits of seen tokens by
+    ``penalty``, multiply negative ones. ``[V] -> [V]``."""
+    if penalty == 1.0 or len(seen_token_ids) == 0:
+        return logits
+    logits = logits.copy()
+    seen = np.unique(seen_token_ids)
+    logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+    return logits
+
+
+def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Set logits outside top-k, top-p and min-p to ``-inf``. ``[V] -> [V]``."""
+    logits = logits.copy()
+    if 0 < top_k < logits.size:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits[logits < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")  # most likely first
+        probs = softmax(logits[order])
+        before = np.cumsum(probs) - probs  # mass of strictly more likely tokens
+        logits[order[before >= top_p]] = -np.inf  # keep the smallest set reaching top_p
+    if min_p > 0.0:
+        probs = softmax(logits)
+        logits[probs < min_p * probs.max()] = -np.inf
+    return logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - np.max(logits))
+    return exp / exp.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - np.max(logits)
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                 seen_token_ids: np.ndarray | None = None) -> int:
+    """Pick the next token from one position's logits ``[V]``.
+
+    Greedy when ``temperature == 0`` (no random draw is made). Otherwise exactly one
+    uniform is drawn from ``rng`` and inverted through the filtered distribution's CDF.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if seen_token_ids is not None:
+        logits = apply_repetition_penalty(logits, seen_token_ids, params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(logits))
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    cdf = np.cumsum(softmax(logits))
+    uniform = rng.random()
+    return int(min(np.searchsorted(cdf, uniform * cdf[-1], side="right"), logits.size - 1))
+
+
+def top_logprobs(logits: np.ndarray, token_id: int, n: int) -> dict[int, float]:
+    """Log-probabilities of the ``n`` most likely tokens and of the chosen one (the model's
+    distribution, before sampling filters, as vLLM reports them)."""
+    logprobs = log_softmax(np.asarray(logits, dtype=np.float64))
+    best = np.argsort(-logprobs, kind="stable")[:n]
+    out = {int(t): float(logprobs[t]) for t in best}
+    out[int(token_id)] = float(logprobs[token_id])
+    return out
