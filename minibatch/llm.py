@@ -78,7 +78,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, backend: str = "numpy", max_num_seqs: int = 16):
         self.model_dir = resolve_model_dir(model)
         self.config = ModelConfig.from_dir(self.model_dir)
-        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.config.eos_token_ids)
+        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.config.bos_token_id,
+                                                   self.config.eos_token_ids, self.config.vocab_size)
         self.runner = ModelRunner(self.config, load_weights(self.model_dir, self.config), get_backend(backend))
         self.max_num_seqs = max_num_seqs
         self._next_id = 0

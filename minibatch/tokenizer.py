@@ -33,26 +33,30 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """Byte-level tokenizer of the embedded models: ids 0–255 are bytes, 256 is BOS
     ``<s>``, 257 is EOS ``</s>``. Any text encodes; any id list decodes (invalid UTF-8
-    becomes U+FFFD)."""
+    becomes U+FFFD). A model whose config.json names other BOS/EOS ids (e.g. a random
+    test checkpoint) passes them in; ids >= 256 never decode to text."""
 
-    vocab_size = BYTE_VOCAB_SIZE
-    bos_token_id = BYTE_BOS_ID
-    eos_token_ids = (BYTE_EOS_ID,)
-    special_token_ids = frozenset({BYTE_BOS_ID, BYTE_EOS_ID})
+    def __init__(self, bos_token_id: int | None = BYTE_BOS_ID, eos_token_ids: tuple[int, ...] = (BYTE_EOS_ID,),
+                 vocab_size: int = BYTE_VOCAB_SIZE):
+        self.vocab_size = vocab_size
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.special_token_ids = frozenset(t for t in (bos_token_id, *eos_token_ids) if t is not None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """UTF-8 bytes of ``text``, with BOS first when ``add_special_tokens``."""
         ids = list(text.encode("utf-8"))
-        return [BYTE_BOS_ID, *ids] if add_special_tokens else ids
+        return [self.bos_token_id, *ids] if add_special_tokens and self.bos_token_id is not None else ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``; special ids are dropped (or shown as ``<s>``/``</s>``)."""
         out = bytearray()
         for token in token_ids:
-            if token < 256:
+            if token in self.special_token_ids:
+                if not skip_special_tokens:
+                    out += b"<s>" if token == self.bos_token_id else b"</s>"
+            elif token < 256:
                 out.append(token)
-            elif not skip_special_tokens:
-                out += b"<s>" if token == BYTE_BOS_ID else b"</s>"
         return out.decode("utf-8", errors="replace")
 
 
@@ -144,11 +148,13 @@ class IncrementalDecoder:
         return full[len(prefix):]
 
 
-def load_tokenizer(model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
-    """The tokenizer of a model directory: ``tokenizer.json`` if present, else bytes."""
+def load_tokenizer(model_dir: str | Path, bos_token_id: int | None = BYTE_BOS_ID,
+                   eos_token_ids: tuple[int, ...] = (BYTE_EOS_ID,), vocab_size: int = BYTE_VOCAB_SIZE) -> Tokenizer:
+    """The tokenizer of a model directory: ``tokenizer.json`` if present, else bytes
+    (with the special ids and vocabulary size from the model's config)."""
     if (Path(model_dir) / "tokenizer.json").is_file():
         return HFTokenizer(model_dir, eos_token_ids)
-    return ByteTokenizer()
+    return ByteTokenizer(bos_token_id, eos_token_ids, vocab_size)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
