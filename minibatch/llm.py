@@ -133,9 +133,8 @@ class LLM:
 
     def _make_requests(self, prompts: PromptType | Sequence[PromptType],
                        sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[_Request]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                               and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(prompts)
         else:

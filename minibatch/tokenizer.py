@@ -148,13 +148,17 @@ class IncrementalDecoder:
         return full[len(prefix):]
 
 
-def load_tokenizer(model_dir: str | Path, bos_token_id: int | None = BYTE_BOS_ID,
-                   eos_token_ids: tuple[int, ...] = (BYTE_EOS_ID,), vocab_size: int = BYTE_VOCAB_SIZE) -> Tokenizer:
-    """The tokenizer of a model directory: ``tokenizer.json`` if present, else bytes
-    (with the special ids and vocabulary size from the model's config)."""
+def load_tokenizer(model_dir: str | Path, bos_token_id: int | None = None, eos_token_ids: tuple[int, ...] = (),
+                   vocab_size: int = BYTE_VOCAB_SIZE) -> Tokenizer:
+    """The tokenizer of a model directory: ``tokenizer.json`` if present, else bytes.
+
+    The ids come from the model's config.json; a byte-level model without them uses
+    BOS 256 and EOS 257.
+    """
     if (Path(model_dir) / "tokenizer.json").is_file():
         return HFTokenizer(model_dir, eos_token_ids)
-    return ByteTokenizer(bos_token_id, eos_token_ids, vocab_size)
+    bos = BYTE_BOS_ID if bos_token_id is None else bos_token_id
+    return ByteTokenizer(bos, eos_token_ids or (BYTE_EOS_ID,), vocab_size)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
