@@ -98,3 +98,252 @@ class ContiguousKVCache:
         if len(positions) and int(np.max(positions)) >= self.max_len:
             raise ValueError(f"position {int(np.max(positions))} is past the cache row length {self.max_len}")
         return self._row_of[seq_id] * self.block_size + np.asarray(positions, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------- the paged cache
+
+
+@dataclass(slots=True)
+class Block:
+    """One block of ``block_size`` slots. ``ref_count`` sequences use it; a full block
+    whose contents are known is registered in the prefix cache under ``block_hash``."""
+
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] = ()  # the tokens a hashed block holds (guards collisions)
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """Running totals a lesson can plot."""
+
+    prefix_hit_blocks: int = 0  # full blocks reused from the prefix cache
+    prefix_miss_blocks: int = 0  # full prompt blocks that had to be computed
+    evictions: int = 0  # cached blocks reclaimed for new data
+    copy_on_writes: int = 0  # shared partial blocks copied before a write
+
+
+def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """The prefix-cache key of a full block: chained over every block before it, so equal
+    hashes mean equal *prefixes*, not just equal blocks."""
+    return hash((parent_hash, token_ids))
+
+
+class PagedKVCache:
+    """Block allocator with reference counts, prefix caching and copy-on-write (vLLM).
+
+    A sequence's tokens live in fixed-size blocks listed in its block table; blocks are
+    handed out from a free pool and come back when no sequence uses them. Full blocks
+    are remembered by a hash of their whole prefix, so a later prompt that starts the
+    same way reuses them instead of recomputing. A freed block keeps its contents and
+    hash until it is reclaimed, least recently freed first (LRU).
+
+    The caller (the scheduler) asks before it acts: ``can_allocate`` / ``can_append``,
+    then ``allocate`` / ``append_slots``. Copies needed by copy-on-write are queued in
+    ``pending_copies`` for the model runner to perform before its next forward.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # free blocks, in two queues: plain ones are reused first; ones still holding a
+        # cached prefix are reclaimed least recently freed first (dicts keep order)
+        self.free_plain: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self.free_cached: dict[int, None] = {}
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.tables: dict[Any, list[int]] = {}
+        self.num_tokens: dict[Any, int] = {}  # slots each sequence has claimed
+        self._committed: dict[Any, tuple[int, int | None]] = {}  # seq -> (blocks hashed, last hash)
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the runner
+        self.counters = CacheCounters()
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence uses (some may still hold reusable cached data)."""
+        return len(self.free_plain) + len(self.free_cached)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold a registered prefix."""
+        return len(self.free_cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, seq_id: Any) -> list[int]:
+        return self.tables[seq_id]
+
+    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """Block ids of the longest cached prefix of ``token_ids`` (whole blocks only,
+        always leaving at least the last token to compute, so it yields logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        found, parent = [], None
+        for start in range(0, len(token_ids) - 1 - (len(token_ids) - 1) % self.block_size, self.block_size):
+            chunk = tuple(token_ids[start:start + self.block_size])
+            parent = block_hash(parent, chunk)
+            block_id = self.cached.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
+                break
+            found.append(block_id)
+        return found
+
+    def can_allocate(self, token_ids: list[int], watermark_blocks: int = 0) -> bool:
+        """Whether ``allocate(seq, token_ids)`` would succeed leaving ``watermark_blocks`` free."""
+        hits = self.cached_prefix(token_ids)
+        hits_in_free_pool = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        new_blocks = self.blocks_needed(len(token_ids)) - len(hits)
+        return self.num_free_blocks - hits_in_free_pool - new_blocks >= watermark_blocks
+
+    def can_append(self, seq_id: Any, num_new_tokens: int) -> bool:
+        """Whether ``append_slots(seq_id, num_new_tokens)`` has the blocks it needs."""
+        return self._new_blocks_for_append(seq_id, num_new_tokens) <= self.num_free_blocks
+
+    # ----------------------------------------------------------------- actions
+
+    def allocate(self, seq_id: Any, token_ids: list[int]) -> int:
+        """Give a new sequence blocks for ``token_ids``, reusing cached prefix blocks.
+
+        Returns the number of leading tokens whose K/V is already cached (a multiple of
+        the block size, less than ``len(token_ids)``). Raises ``MemoryError`` and changes
+        nothing when the blocks are not there; call ``can_allocate`` first.
+        """
+        if seq_id in self.tables:
+            raise ValueError(f"sequence {seq_id!r} already has blocks")
+        if not self.can_allocate(token_ids):
+            raise MemoryError(f"not enough free KV blocks for {len(token_ids)} tokens")
+        hits = self.cached_prefix(token_ids)
+        for block_id in hits:
+            self._take(block_id)
+        full_prompt_blocks = len(token_ids) // self.block_size
+        self.counters.prefix_hit_blocks += len(hits)
+        self.counters.prefix_miss_blocks += full_prompt_blocks - len(hits)
+        table = hits + [self._take_free() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
+        self.tables[seq_id] = table
+        self.num_tokens[seq_id] = len(token_ids)
+        return len(hits) * self.block_size
+
+    def append_slots(self, seq_id: Any, num_new_tokens: int) -> np.ndarray:
+        """Claim slots for ``num_new_tokens`` more tokens of a sequence; returns their slot
+        mapping. A shared last block is copied first (copy-on-write)."""
+        if not self.can_append(seq_id, num_new_tokens):
+            raise MemoryError(f"not enough free KV blocks to append {num_new_tokens} tokens")
+        table, start = self.tables[seq_id], self.num_tokens[seq_id]
+        if start % self.block_size and self.blocks[table[-1]].ref_count > 1:
+            self._copy_on_write(table)
+        elif start % self.block_size:
+            self._forget_hash(table[-1])  # its contents are about to change
+        end = start + num_new_tokens
+        while len(table) < self.blocks_needed(end):
+            table.append(self._take_free())
+        self.num_tokens[seq_id] = end
+        return self.slots(seq_id, start, end)
+
+    def slots(self, seq_id: Any, start: int, end: int) -> np.ndarray:
+        """Flat slots of token positions ``start .. end-1`` of a sequence."""
+        table = np.asarray(self.tables[seq_id], dtype=np.int64)
+        positions = np.arange(start, end)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def commit(self, seq_id: Any, token_ids: list[int]) -> None:
+        """Register the sequence's full blocks in the prefix cache. ``token_ids`` are the
+        tokens whose K/V is now written (a prefix of the sequence)."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.tables[seq_id]
+        done, parent = self._committed.get(seq_id, (0, None))
+        for index in range(done, len(token_ids) // self.block_size):
+            chunk = tuple(token_ids[index * self.block_size:(index + 1) * self.block_size])
+            parent = block_hash(parent, chunk)
+            block = self.blocks[table[index]]
+            if block.block_hash is None and parent not in self.cached:
+                block.block_hash, block.token_ids = parent, chunk
+                self.cached[parent] = block.block_id
+            done = index + 1
+        self._committed[seq_id] = (done, parent)
+
+    def fork(self, parent_id: Any, child_id: Any) -> None:
+        """The child shares every block of the parent (copy-on-write on the first write)."""
+        self.tables[child_id] = list(self.tables[parent_id])
+        self.num_tokens[child_id] = self.num_tokens[parent_id]
+        if parent_id in self._committed:
+            self._committed[child_id] = self._committed[parent_id]
+        for block_id in self.tables[child_id]:
+            self.blocks[block_id].ref_count += 1
+
+    def free(self, seq_id: Any) -> None:
+        """Release a finished, aborted or preempted sequence's blocks."""
+        for block_id in reversed(self.tables.pop(seq_id)):  # tail first: evicted first
+            self._release(block_id)
+        del self.num_tokens[seq_id]
+        self._committed.pop(seq_id, None)
+
+    def rewind(self, seq_id: Any, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens of a sequence (e.g. rejected speculative
+        tokens); blocks that become empty are released."""
+        if not 0 <= num_tokens <= self.num_tokens[seq_id]:
+            raise ValueError(f"cannot rewind {num_tokens} of {self.num_tokens[seq_id]} tokens")
+        end = self.num_tokens[seq_id] - num_tokens
+        table = self.tables[seq_id]
+        while len(table) > self.blocks_needed(end):
+            self._release(table.pop())
+        self.num_tokens[seq_id] = end
+        done, _ = self._committed.get(seq_id, (0, None))
+        if done * self.block_size > end:  # hashes past the rewind point are recomputed
+            self._committed.pop(seq_id)
+
+    # ----------------------------------------------------------------- internals
+
+    def _new_blocks_for_append(self, seq_id: Any, num_new_tokens: int) -> int:
+        table, start = self.tables[seq_id], self.num_tokens[seq_id]
+        needed = self.blocks_needed(start + num_new_tokens) - len(table)
+        shared_tail = start % self.block_size and self.blocks[table[-1]].ref_count > 1
+        return needed + (1 if shared_tail else 0)
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            self.free_plain.pop(block_id, None)
+            self.free_cached.pop(block_id, None)
+        block.ref_count += 1
+
+    def _take_free(self) -> int:
+        block_id = next(iter(self.free_plain or self.free_cached))  # plain first, then LRU
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            self.counters.evictions += 1
+            self._forget_hash(block_id)
+        self._take(block_id)
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            queue = self.free_plain if block.block_hash is None else self.free_cached
+            queue[block_id] = None  # most recently freed: reclaimed last
+
+    def _forget_hash(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
+            del self.cached[block.block_hash]
+        block.block_hash, block.token_ids = None, ()
+
+    def _copy_on_write(self, table: list[int]) -> None:
+        source = table[-1]
+        target = self._take_free()
+        self.pending_copies.append((source, target))
+        self.blocks[source].ref_count -= 1  # still used by the others, so never freed here
+        table[-1] = target
+        self.counters.copy_on_writes += 1

@@ -1,0 +1,192 @@
+"""Batch-1 decode speed against the memory roofline, measured in one run.
+
+Decoding one token at a time reads every weight once per step and does ~2 FLOPs per
+weight, so its speed limit is memory bandwidth: ``roofline tokens/s = bandwidth /
+weight bytes per step``. This script measures the bandwidth (a large float32 GEMV, the
+same operation decode is made of), then the decode speed of minibatch on
+
+* the embedded tiny model, and
+* a random checkpoint shaped like SmolLM2-135M (576 hidden, 30 layers, 9 heads,
+  3 KV heads, 1536 MLP, 49152 vocab, tied embeddings), written locally,
+
+and, when ``transformers`` and ``torch`` are installed, Hugging Face's CPU decode of the
+same checkpoint. It prints a table and writes ``benchmarks/results/decode.json``.
+
+    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 3]
+
+Times are medians over steps; the machine is noisy, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from minibatch.backend import get_backend
+from minibatch.checkpoint import load_weights, save_model
+from minibatch.config import ModelConfig
+from minibatch.kv_cache import ContiguousKVCache
+from minibatch.llm import DEFAULT_MODEL
+from minibatch.model import ForwardBatch, ModelRunner, ModelWeights
+
+RESULTS = Path(__file__).parent / "results"
+SMOLLM2_135M_SHAPE = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+    "tie_word_embeddings": True, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 0,
+}
+
+
+def measure_gemv_bandwidth(backend_name: str, rows: int = 8192, cols: int = 8192, repeats: int = 15) -> float:
+    """Bytes/s of ``x @ W.T`` for a 256 MiB float32 ``W``: decode's own memory roofline."""
+    ops = get_backend(backend_name)
+    weight = ops.asarray(np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32))
+    x = ops.asarray(np.ones((1, cols), np.float32))
+    times = []
+    for _ in range(repeats):
+        ops.synchronize()
+        start = time.perf_counter()
+        ops.linear(x, weight)
+        ops.synchronize()
+        times.append(time.perf_counter() - start)
+    return weight.nbytes / statistics.median(times[2:])
+
+
+def weight_bytes_per_step(weights: ModelWeights, tied: bool) -> int:
+    """Bytes a decode step reads: every weight once; an untied embedding only one row."""
+    total = weights.num_bytes
+    if not tied:
+        total -= weights.embed_tokens.nbytes - weights.embed_tokens.shape[1] * 4
+    return total
+
+
+def write_smollm2_shaped(directory: Path) -> Path:
+    """A random float16 checkpoint with SmolLM2-135M's shapes (~270 MB on disk)."""
+    config = ModelConfig.from_hf(SMOLLM2_135M_SHAPE)
+    rng = np.random.default_rng(0)
+    from minibatch.model import LayerWeights
+
+    def tensor(*shape: int, scale: float = 0.02) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float16)
+
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    layers = [LayerWeights(np.ones(h, np.float16), tensor(q, h), tensor(kv, h), tensor(kv, h), tensor(h, q),
+                           np.ones(h, np.float16), tensor(i, h), tensor(i, h), tensor(h, i))
+              for _ in range(config.num_layers)]
+    embed = tensor(config.vocab_size, h)
+    save_model(directory, SMOLLM2_135M_SHAPE, ModelWeights(embed, layers, np.ones(h, np.float16), embed),
+               dtype="float16")
+    return directory
+
+
+def time_minibatch_decode(model_dir: Path, backend_name: str, prompt_len: int, steps: int) -> list[float]:
+    """Seconds per decode step (batch 1, contiguous KV cache) after a ``prompt_len`` prefill."""
+    config = ModelConfig.from_dir(model_dir)
+    runner = ModelRunner(config, load_weights(model_dir, config), get_backend(backend_name))
+    cache = ContiguousKVCache(max_seqs=1, max_len=prompt_len + steps + 1)
+    runner.allocate_kv(cache.num_blocks, cache.block_size)
+    cache.allocate(0)
+    tokens = list(np.random.default_rng(1).integers(0, min(config.vocab_size, 256), prompt_len))
+    times = []
+    position, new = 0, tokens
+    for _ in range(steps + 1):
+        slots = cache.slot_mapping(0, np.arange(position, position + len(new)))
+        batch = ForwardBatch.build([(new, position, cache.block_table(0), slots)])
+        start = time.perf_counter()
+        logits = runner.run(batch)  # run() copies logits to the host: a full step
+        times.append(time.perf_counter() - start)
+        position += len(new)
+        new = [int(np.argmax(logits[-1]))]
+    return times[1:]  # drop the prefill
+
+
+def time_hf_decode(model_dir: Path, prompt_len: int, steps: int) -> list[float] | None:
+    """Seconds per decode step of transformers' LlamaForCausalLM on the CPU (None if absent)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, prompt_len))
+    times = []
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(token, past_key_values=past, use_cache=True)
+            times.append(time.perf_counter() - start)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return times
+
+
+def benchmark_model(name: str, model_dir: Path, args: argparse.Namespace, bandwidth: float) -> dict:
+    config = ModelConfig.from_dir(model_dir)
+    weights = load_weights(model_dir, config)
+    step_bytes = weight_bytes_per_step(weights, config.tie_word_embeddings)
+    roofline = bandwidth / step_bytes
+    runs = [statistics.median(time_minibatch_decode(model_dir, args.backend, args.prompt_len, args.steps))
+            for _ in range(args.repeats)]
+    result = {
+        "model": name, "parameters": config.num_parameters, "weight_bytes_per_step": step_bytes,
+        "roofline_tokens_per_s": roofline, "minibatch_tokens_per_s": 1 / statistics.median(runs),
+    }
+    result["fraction_of_roofline"] = result["minibatch_tokens_per_s"] / roofline
+    if not args.no_hf and args.backend == "numpy":
+        hf = time_hf_decode(model_dir, args.prompt_len, args.steps)
+        if hf is not None:
+            result["hf_transformers_tokens_per_s"] = 1 / statistics.median(hf)
+            result["minibatch_over_hf"] = result["minibatch_tokens_per_s"] / result["hf_transformers_tokens_per_s"]
+    return result
+
+
+def print_table(bandwidth: float, results: list[dict]) -> None:
+    print(f"\nmeasured GEMV bandwidth: {bandwidth / 1e9:.2f} GB/s\n")
+    header = f"{'model':<22}{'params':>12}{'MB/step':>10}{'roofline':>11}{'minibatch':>11}{'of roof':>9}{'HF':>9}"
+    print(header + "\n" + "-" * len(header))
+    for r in results:
+        hf = f"{r['hf_transformers_tokens_per_s']:.1f}" if "hf_transformers_tokens_per_s" in r else "-"
+        print(f"{r['model']:<22}{r['parameters']:>12,}{r['weight_bytes_per_step'] / 1e6:>10.1f}"
+              f"{r['roofline_tokens_per_s']:>11.1f}{r['minibatch_tokens_per_s']:>11.1f}"
+              f"{r['fraction_of_roofline']:>9.0%}{hf:>9}")
+    print("\n(tokens/s, batch 1; roofline = bandwidth / weight bytes per step)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "gpu"])
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per model (median taken)")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--skip-135m", action="store_true", help="only the embedded model")
+    args = parser.parse_args()
+
+    bandwidth = measure_gemv_bandwidth(args.backend)
+    results = [benchmark_model("tiny-target (embedded)", DEFAULT_MODEL, args, bandwidth)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_135m:
+            model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")
+            results.append(benchmark_model("SmolLM2-135M-shaped", model_dir, args, bandwidth))
+    print_table(bandwidth, results)
+    RESULTS.mkdir(exist_ok=True)
+    report = {"benchmark": "decode", "backend": args.backend, "gemv_bandwidth_bytes_per_s": bandwidth,
+              "machine": platform.platform(), "processor": platform.processor(), "args": vars(args),
+              "results": results}
+    out = RESULTS / f"decode_{args.backend}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The paged KV cache's bookkeeping: invariants under random operations, prefix caching,
+copy-on-write and rewinding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from minibatch.kv_cache import ContiguousKVCache, PagedKVCache
+
+tokens = st.lists(st.integers(0, 3), min_size=1, max_size=14)  # a tiny alphabet: many shared prefixes
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Random allocate / append / commit / fork / rewind / free sequences; the invariants
+    of a block allocator must hold after every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = PagedKVCache(num_blocks=12, block_size=3)
+        self.contents: dict[int, list[int]] = {}  # seq -> tokens whose slots it claimed
+        self.next_id = 0
+
+    @rule(prompt=tokens)
+    def allocate(self, prompt):
+        if not self.cache.can_allocate(prompt):
+            with pytest.raises(MemoryError):
+                self.cache.allocate(self.next_id, prompt)
+            return
+        cached = self.cache.allocate(self.next_id, prompt)
+        assert cached % self.cache.block_size == 0 and cached < len(prompt)
+        self.contents[self.next_id] = list(prompt)
+        self.cache.commit(self.next_id, prompt)
+        self.next_id += 1
+
+    @precondition(lambda self: self.contents)
+    @rule(data=st.data(), new=st.lists(st.integers(0, 3), min_size=1, max_size=4))
+    def append(self, data, new):
+        seq = data.draw(st.sampled_from(sorted(self.contents)))
+        if not self.cache.can_append(seq, len(new)):
+            return
+        slots = self.cache.append_slots(seq, len(new))
+        table = self.cache.block_table(seq)
+        assert all(self.cache.blocks[b].ref_count == 1 for b in {int(s) // 3 for s in slots} if b in table)
+        self.contents[seq] += new
+        self.cache.commit(seq, self.contents[seq])
+
+    @precondition(lambda self: self.contents)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.contents)))
+        self.cache.fork(parent, self.next_id)
+        self.contents[self.next_id] = list(self.contents[parent])
+        self.next_id += 1
+
+    @precondition(lambda self: self.contents)
+    @rule(data=st.data())
+    def rewind(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.contents)))
+        n = data.draw(st.integers(0, len(self.contents[seq])))
+        self.cache.rewind(seq, n)
+        self.contents[seq] = self.contents[seq][:len(self.contents[seq]) - n]
+
+    @precondition(lambda self: self.contents)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.contents)))
+        self.cache.free(seq)
+        del self.contents[seq]
+
+    @invariant()
+    def refcounts_match_the_tables(self):
+        owners = np.zeros(self.cache.num_blocks, dtype=int)
+        for table in self.cache.tables.values():
+            for block in table:
+                owners[block] += 1
+        assert [b.ref_count for b in self.cache.blocks] == owners.tolist()  # never negative, never leaked
+
+    @invariant()
+    def every_block_is_free_or_owned(self):
+        free = set(self.cache.free_plain) | set(self.cache.free_cached)
+        owned = {b for table in self.cache.tables.values() for b in table}
+        assert not free & owned
+        assert len(free) + len(owned) == self.cache.num_blocks
+
+    @invariant()
+    def tables_cover_their_tokens(self):
+        for seq, content in self.contents.items():
+            assert len(self.cache.block_table(seq)) == self.cache.blocks_needed(len(content))
+
+    @invariant()
+    def hashes_describe_the_prefix_they_name(self):
+        """A registered hash always names the block that holds exactly those tokens."""
+        for block_hash, block_id in self.cache.cached.items():
+            assert self.cache.blocks[block_id].block_hash == block_hash
+            assert len(self.cache.blocks[block_id].token_ids) == self.cache.block_size
+
+    def teardown(self):
+        for seq in list(self.contents):
+            self.cache.free(seq)
+        assert self.cache.num_free_blocks == self.cache.num_blocks  # everything free or merely cached
+        assert all(b.ref_count == 0 for b in self.cache.blocks)
+
+
+TestAllocator = AllocatorMachine.TestCase
+
+
+def test_prefix_hit_reuses_blocks_and_leaves_the_last_token():
+    cache = PagedKVCache(num_blocks=8, block_size=2)
+    prompt = [1, 2, 3, 4, 5, 6]
+    assert cache.allocate("a", prompt) == 0
+    cache.commit("a", prompt)
+    assert cache.allocate("b", prompt) == 4  # two blocks reused; the last block recomputed
+    assert cache.block_table("b")[:2] == cache.block_table("a")[:2]
+    assert cache.block_table("b")[2] != cache.block_table("a")[2]
+    assert cache.counters.prefix_hit_blocks == 2
+
+
+def test_freed_blocks_stay_cached_until_evicted_least_recently_used_first():
+    cache = PagedKVCache(num_blocks=4, block_size=2)
+    cache.allocate("a", [1, 2, 3, 4, 9])
+    cache.commit("a", [1, 2, 3, 4])
+    cache.free("a")
+    assert cache.num_free_blocks == 4 and cache.num_cached_free_blocks == 2
+    assert cache.allocate("b", [1, 2, 3, 4, 7]) == 4  # hit after free
+    cache.free("b")
+    cache.allocate("c", [5, 5, 5, 5, 5, 5, 5, 5])  # needs all four blocks: evicts both
+    assert cache.counters.evictions == 2 and not cache.cached
+
+
+def test_fork_then_write_copies_the_shared_partial_block():
+    cache = PagedKVCache(num_blocks=6, block_size=4)
+    cache.allocate("parent", [1, 2, 3, 4, 5, 6])
+    cache.fork("parent", "child")
+    shared_tail = cache.block_table("parent")[-1]
+    cache.append_slots("child", 1)
+    assert cache.pending_copies == [(shared_tail, cache.block_table("child")[-1])]
+    assert cache.block_table("child")[0] == cache.block_table("parent")[0]  # full block still shared
+    assert cache.blocks[shared_tail].ref_count == 1
+    cache.append_slots("parent", 1)  # the parent owns its tail alone now: no copy
+    assert len(cache.pending_copies) == 1
+
+
+def test_rewind_frees_emptied_blocks_and_drops_stale_hashes():
+    cache = PagedKVCache(num_blocks=6, block_size=2)
+    cache.allocate("a", [1, 2, 3, 4, 5])
+    cache.commit("a", [1, 2, 3, 4])
+    second = cache.block_table("a")[1]
+    cache.rewind("a", 2)  # now [1, 2, 3]: the last block empties, the second is partial
+    assert len(cache.block_table("a")) == 2 and cache.num_free_blocks == 4
+    cache.append_slots("a", 1)  # overwrites position 3 inside the hashed second block
+    assert cache.blocks[second].block_hash is None
+    assert cache.allocate("b", [1, 2, 3, 4, 8]) == 2  # only the first block is still a hit
+
+
+def test_allocation_that_cannot_fit_changes_nothing():
+    cache = PagedKVCache(num_blocks=2, block_size=2)
+    with pytest.raises(MemoryError):
+        cache.allocate("a", [1, 2, 3, 4, 5])
+    assert cache.num_free_blocks == 2 and not cache.tables
+
+
+def test_contiguous_cache_rows():
+    cache = ContiguousKVCache(max_seqs=2, max_len=8)
+    cache.allocate("a")
+    cache.allocate("b")
+    assert cache.slot_mapping("b", np.array([0, 7])).tolist() in ([0, 7], [8, 15])
+    with pytest.raises(RuntimeError, match="in use"):
+        cache.allocate("c")
