@@ -54,6 +54,17 @@ def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
     v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping[keep]] = v[keep]
 
 
+def copy_blocks(k_cache: np.ndarray, v_cache: np.ndarray, block_copies: np.ndarray) -> None:
+    """Copy whole blocks, in place: ``block_copies`` is ``[P, 2]`` rows of ``(src, dst)``.
+
+    Copy-on-write uses it: a sequence about to write into a block it shares gets a
+    private copy first.
+    """
+    if len(block_copies):
+        k_cache[block_copies[:, 1]] = k_cache[block_copies[:, 0]]  # [P, block_size, Hkv, D]
+        v_cache[block_copies[:, 1]] = v_cache[block_copies[:, 0]]
+
+
 def gather_kv(cache: np.ndarray, block_table: np.ndarray, context_len: int) -> np.ndarray:
     """One sequence's first ``context_len`` cached tokens, in order: ``-> [S, Hkv, D]``."""
     block_size = cache.shape[1]

@@ -32,6 +32,7 @@ class Backend:
     apply_rope: Callable
     write_kv: Callable
     cached_attention: Callable
+    copy_blocks: Callable | None = None
 
     def asarray(self, array: Any, dtype: Any = None) -> Any:
         """Host array -> this backend's array (a no-op for numpy)."""
@@ -54,7 +55,8 @@ def numpy_backend() -> Backend:
 
     return Backend(name="numpy", xp=np, embedding=layers.embedding, rms_norm=layers.rms_norm,
                    linear=layers.linear, swiglu=layers.swiglu, apply_rope=layers.apply_rope,
-                   write_kv=attention.write_kv, cached_attention=attention.cached_attention)
+                   write_kv=attention.write_kv, cached_attention=attention.cached_attention,
+                   copy_blocks=attention.copy_blocks)
 
 
 def get_backend(name: str) -> Backend:

@@ -94,6 +94,7 @@ class ForwardBatch:
     block_tables: np.ndarray  # [S, max_blocks] block ids of each sequence (-1 = unused)
     slot_mapping: np.ndarray  # [N] flat cache slot each new token's K/V is written to
     logits_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [L]
+    block_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [P, 2] (src, dst)
 
     @property
     def num_tokens(self) -> int:
@@ -188,12 +189,22 @@ class ModelRunner:
     def allocate_kv(self, num_blocks: int, block_size: int) -> KVStorage:
         """(Re)allocate the KV pools: ``num_blocks`` blocks of ``block_size`` slots per layer."""
         self.kv = None  # free the old pools first
-        self.kv = KVStorage.allocate(self.config, num_blocks, block_size, xp=self.backend.xp)
+        self.kv = self.new_kv(num_blocks, block_size)
         return self.kv
 
-    def run(self, batch: ForwardBatch) -> np.ndarray:
-        """Forward one batch; returns ``[len(batch.logits_indices), V]`` float32 on the host."""
-        if self.kv is None:
+    def new_kv(self, num_blocks: int, block_size: int) -> KVStorage:
+        """Separate KV pools on this runner's backend (e.g. for a one-off scoring pass)."""
+        return KVStorage.allocate(self.config, num_blocks, block_size, xp=self.backend.xp)
+
+    def run(self, batch: ForwardBatch, kv: KVStorage | None = None) -> np.ndarray:
+        """Forward one batch (after the block copies it asks for) on ``kv`` (default: the
+        runner's own pools); returns ``[len(batch.logits_indices), V]`` float32 on the host."""
+        kv = kv or self.kv
+        if kv is None:
             raise RuntimeError("call allocate_kv() before run()")
-        logits = forward(self.backend, self.config, self.weights, batch, self.kv, self.inv_freq)
+        if len(batch.block_copies):
+            copies = self.backend.asarray(batch.block_copies)
+            for k_cache, v_cache in zip(kv.k, kv.v, strict=True):
+                self.backend.copy_blocks(k_cache, v_cache, copies)
+        logits = forward(self.backend, self.config, self.weights, batch, kv, self.inv_freq)
         return self.backend.to_numpy(logits).astype(np.float32, copy=False)

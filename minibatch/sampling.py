@@ -20,6 +20,7 @@ class SamplingParams:
     Raises ``ValueError`` naming the field and the allowed range on a bad value.
     """
 
+    n: int = 1  # independent samples per prompt; they share the prompt's KV blocks
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: all tokens
     top_p: float = 1.0  # nucleus: the smallest set with this much probability
@@ -38,6 +39,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
         _check(self.top_k >= -1, "top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "(0, 1]")

@@ -1,0 +1,297 @@
+"""The serving engine: requests in, one batched forward per step, tokens out.
+
+``LLMEngine`` ties the pieces together the way vLLM's does. Each :meth:`~LLMEngine.step`
+asks the :class:`~minibatch.scheduler.Scheduler` for a batch, turns it into one flat
+:class:`~minibatch.model.ForwardBatch` over the paged KV cache, runs the model, samples
+the sequences whose chunk reached their end, and records what happened in the
+:class:`~minibatch.metrics.EventLog`. ``LLM.generate`` and streaming run on it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minibatch.backend import get_backend
+from minibatch.checkpoint import load_weights
+from minibatch.config import ModelConfig
+from minibatch.kv_cache import PagedKVCache, kv_bytes_per_token
+from minibatch.metrics import EventLog, RequestRecord, StepRecord
+from minibatch.model import ForwardBatch, ModelRunner
+from minibatch.outputs import CompletionOutput, RequestMetrics, RequestOutput, TextTracker
+from minibatch.sampling import SamplingParams, make_generator, sample_token, top_logprobs
+from minibatch.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus, get_policy
+from minibatch.tokenizer import Tokenizer, load_tokenizer
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine batches and how big its KV cache is."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # default: derived from kv_cache_memory
+    kv_cache_memory: int = 256 * 2**20  # bytes for K and V of all layers (float32)
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    policy: str = "fcfs"  # "fcfs" | "priority" | "prefill_first"
+    enable_prefix_caching: bool = True
+    watermark: float = 0.01  # fraction of blocks kept free when admitting
+
+    def resolve_num_blocks(self, config: ModelConfig) -> int:
+        """Blocks in the pool: as configured, or as many as the memory budget holds, but
+        no more than ``max_num_seqs`` full-context sequences need."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        by_memory = self.kv_cache_memory // (self.block_size * kv_bytes_per_token(config))
+        enough = self.max_num_seqs * -(-config.max_model_len // self.block_size) + 1
+        return max(1, min(by_memory, enough))
+
+
+@dataclass(slots=True)
+class RequestState:
+    """A request in flight: its sequences (``n`` samples) and their text."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[Sequence]
+    texts: list[TextTracker]
+    logprobs: list[list[dict[int, float]] | None]
+    record: RequestRecord
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.params.n and all(s.status.finished for s in self.sequences)
+
+    def output(self) -> RequestOutput:
+        completions = [CompletionOutput(s.sample_index, text.text, list(s.output_token_ids),
+                                        s.status.finish_reason, logprobs)
+                       for s, text, logprobs in zip(self.sequences, self.texts, self.logprobs, strict=True)]
+        record = self.record
+        metrics = RequestMetrics(record.arrival_time, record.token_times[0] if record.token_times else None,
+                                 record.finished_time)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
+                             finished=self.finished, metrics=metrics)
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache.
+
+    ``add_request`` validates and queues, ``step`` runs one batched forward and returns
+    the outputs of the requests that advanced, ``abort_request`` ends a request and frees
+    its blocks at once. ``log`` holds per-step and per-request metrics.
+    """
+
+    def __init__(self, model: str | Path | None = None, backend: str = "numpy",
+                 engine_config: EngineConfig | None = None, **overrides: Any):
+        from minibatch.llm import resolve_model_dir
+
+        self.engine_config = engine_config or EngineConfig(**overrides)
+        self.model_dir = resolve_model_dir(model)
+        self.config = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.config.bos_token_id,
+                                                   self.config.eos_token_ids, self.config.vocab_size)
+        self.runner = ModelRunner(self.config, load_weights(self.model_dir, self.config), get_backend(backend))
+        get_policy(self.engine_config.policy)  # fail early on a bad name
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh, empty KV cache, scheduler and event log (the weights stay loaded)."""
+        cfg = self.engine_config
+        self.cache = PagedKVCache(cfg.resolve_num_blocks(self.config), cfg.block_size, cfg.enable_prefix_caching)
+        self.runner.allocate_kv(self.cache.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.policy,
+                                   cfg.watermark)
+        self.requests: dict[str, RequestState] = {}
+        self.log = EventLog()
+        self._next_seq_id = 0
+
+    # -------------------------------------------------------------- requests
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Validate and queue a request. Raises ``ValueError`` (and changes nothing) for a
+        bad prompt, a duplicate id, or a request that could never fit."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id '{request_id}' is already in use")
+        text, ids = self.encode_prompt(prompt)
+        self._check_fits(len(ids), params)
+        now = time.perf_counter() if arrival_time is None else arrival_time
+        sequence = self._new_sequence(request_id, ids, len(ids), params, now, 0, priority)
+        record = RequestRecord(request_id, now, len(ids))
+        self.requests[request_id] = RequestState(request_id, text, ids, params, [sequence],
+                                                 [TextTracker(self.tokenizer, params, ids)],
+                                                 [[] if params.logprobs is not None else None], record)
+        self.log.requests[request_id] = record
+        self.scheduler.add(sequence)
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request now and free its blocks; False if it is unknown or already done."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        for sequence in state.sequences:
+            if not sequence.status.finished:
+                self.scheduler.finish(sequence, SequenceStatus.FINISHED_ABORTED)
+        state.record.finished_time = time.perf_counter()
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the outputs of requests that produced tokens or finished."""
+        start = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        for sequence in scheduled.preempted:
+            self.requests[sequence.request_id].record.num_preemptions += 1
+        for item in scheduled.scheduled:
+            if item.sequence.sample_index == 0 and item.sequence.num_cached_tokens:
+                self.requests[item.sequence.request_id].record.num_cached_tokens = item.sequence.num_cached_tokens
+        if scheduled.is_empty:
+            return []
+        logits = self.runner.run(self._build_batch(scheduled))
+        advanced: dict[str, RequestState] = {}
+        for row, item in enumerate(scheduled.scheduled):
+            sequence = item.sequence
+            samples = item.samples
+            sequence.num_computed_tokens += item.num_tokens
+            self.cache.commit(sequence.seq_id, sequence.token_ids[:sequence.num_computed_tokens])
+            if samples:
+                state = self.requests[sequence.request_id]
+                self._sample(state, sequence, logits[row])
+                advanced[state.request_id] = state
+        self._log_step(start, scheduled)
+        now = time.perf_counter()
+        for state in advanced.values():
+            if state.finished:
+                state.record.finished_time = now
+                del self.requests[state.request_id]
+        return [state.output() for state in advanced.values()]
+
+    def _build_batch(self, scheduled: SchedulerOutput) -> ForwardBatch:
+        entries = []
+        for item in scheduled.scheduled:
+            sequence, start = item.sequence, item.sequence.num_computed_tokens
+            end = start + item.num_tokens
+            entries.append((sequence.token_ids[start:end], start, self.cache.block_table(sequence.seq_id),
+                            self.cache.slots(sequence.seq_id, start, end)))
+        batch = ForwardBatch.build(entries)
+        batch.block_copies = np.array(self.cache.pending_copies, dtype=np.int64).reshape(-1, 2)
+        self.cache.pending_copies.clear()
+        return batch
+
+    # -------------------------------------------------------------- sampling
+
+    def _sample(self, state: RequestState, sequence: Sequence, logits: np.ndarray) -> None:
+        """Sample the sequence's next token; the first sample of an ``n > 1`` request
+        forks the other samples from it, sharing the prompt's blocks."""
+        if state.params.n > 1 and not state.forked:
+            state.forked = True
+            for index in range(1, state.params.n):
+                child = self._new_sequence(state.request_id, list(sequence.token_ids), sequence.num_prompt_tokens,
+                                           state.params, sequence.arrival_time, index, sequence.priority)
+                child.num_computed_tokens = sequence.num_computed_tokens
+                self.cache.fork(sequence.seq_id, child.seq_id)
+                self.scheduler.add_running(child)
+                state.sequences.append(child)
+                state.texts.append(TextTracker(self.tokenizer, state.params, state.prompt_token_ids))
+                state.logprobs.append([] if state.params.logprobs is not None else None)
+                self._append_token(state, child, logits)
+        self._append_token(state, sequence, logits)
+
+    def _append_token(self, state: RequestState, sequence: Sequence, logits: np.ndarray) -> None:
+        params, index = state.params, sequence.sample_index
+        seen = np.asarray(sequence.token_ids) if params.repetition_penalty != 1 else None
+        token = sample_token(logits, params, sequence.rng, seen)
+        sequence.token_ids.append(token)
+        if index == 0:
+            state.record.token_times.append(time.perf_counter())
+        if state.logprobs[index] is not None:
+            state.logprobs[index].append(top_logprobs(logits, token, params.logprobs))
+        status = self._stop_status(state.texts[index], sequence, token)
+        if status is not None:
+            self.scheduler.finish(sequence, status)
+
+    def _stop_status(self, text: TextTracker, sequence: Sequence, token: int) -> SequenceStatus | None:
+        if text.stops_on_token(token):
+            text.finish()
+            return SequenceStatus.FINISHED_STOPPED
+        _, hit_stop_string = text.append(token)
+        if hit_stop_string:
+            return SequenceStatus.FINISHED_STOPPED
+        max_tokens = sequence.params.max_tokens
+        if (max_tokens is not None and len(sequence.output_token_ids) >= max_tokens) or \
+                sequence.num_tokens >= self.config.max_model_len:
+            text.finish()
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    # --------------------------------------------------------------- helpers
+
+    def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """``(text, token ids)`` of a prompt given as text, ids, or ``{"prompt_token_ids"}``."""
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        elif isinstance(prompt, list):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"a prompt must be a string, a list of token ids or "
+                             f"{{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is "
+                             f"{self.config.max_model_len}: shorten it to at most {self.config.max_model_len - 1}")
+        return text, [int(t) for t in ids]
+
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Reject a request that could never run, before anything is allocated."""
+        limit = self.config.max_model_len
+        total = min(limit, num_prompt_tokens + (params.max_tokens or limit))
+        usable_blocks = self.cache.num_blocks - self.scheduler.watermark_blocks
+        if self.cache.blocks_needed(total) > usable_blocks:
+            raise ValueError(f"this request may need {total} tokens of KV cache "
+                             f"({self.cache.blocks_needed(total)} blocks) but the cache has {usable_blocks} "
+                             "usable blocks: lower max_tokens or give the engine more KV memory")
+        if not self.scheduler.policy.chunked_prefill and total > self.scheduler.max_num_batched_tokens:
+            raise ValueError(f"policy '{self.scheduler.policy.name}' runs whole prompts (and recomputes whole "
+                             f"sequences after preemption), but this request may reach {total} tokens, more than "
+                             f"max_num_batched_tokens={self.scheduler.max_num_batched_tokens}: raise it or lower "
+                             "max_tokens")
+
+    def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt_tokens: int,
+                      params: SamplingParams, arrival_time: float, index: int, priority: int) -> Sequence:
+        seed = params.seed if index == 0 or params.seed is None else [params.seed, index]
+        self._next_seq_id += 1
+        return Sequence(self._next_seq_id - 1, request_id, token_ids, num_prompt_tokens, params, arrival_time,
+                        sample_index=index, priority=priority, rng=make_generator(seed))
+
+    def _log_step(self, start: float, scheduled: SchedulerOutput) -> None:
+        decodes = [s for s in scheduled.scheduled if s.sequence.num_computed_tokens > s.sequence.num_prompt_tokens
+                   and s.num_tokens == 1]
+        prefills = [s for s in scheduled.scheduled if s not in decodes]
+        self.log.steps.append(StepRecord(
+            step=len(self.log.steps), start_time=start, duration=time.perf_counter() - start,
+            num_prefill_tokens=sum(s.num_tokens for s in prefills), num_decode_seqs=len(decodes),
+            num_prefill_seqs=len(prefills), num_preemptions=len(scheduled.preempted),
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            blocks_used=self.cache.num_used_blocks, blocks_cached_free=self.cache.num_cached_free_blocks,
+            blocks_free=self.cache.num_free_blocks,
+            scheduled=[(s.sequence.request_id, s.sequence.sample_index, s.num_tokens) for s in scheduled.scheduled]))
