@@ -47,6 +47,7 @@ def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
 
     ``k_cache``/``v_cache``: ``[num_blocks, block_size, Hkv, D]``; ``k``/``v``:
     ``[N, Hkv, D]``; ``slot_mapping``: ``[N]`` flat slot of each token (negative = skip).
+    Non-negative slots must be distinct (on a GPU two writes to one slot would race).
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     keep = slot_mapping >= 0  # [N]
@@ -83,7 +84,9 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     Sequence ``s`` owns queries ``q[query_start_loc[s]:query_start_loc[s+1]]``, which are
     the last tokens of its ``context_lens[s]`` cached tokens (their K/V already written).
     The same call serves prefill (many queries), chunked prefill (queries after earlier
-    chunks) and decode (one query). ``[N, Hq, D] -> [N, Hq, D]``.
+    chunks) and decode (one query). ``[N, Hq, D] -> [N, Hq, D]``. ``query_start_loc``
+    and ``context_lens`` are host integer arrays, and each sequence has at least as many
+    cached tokens as queries.
     """
     out = np.empty_like(q)  # [N, Hq, D]
     for s in range(len(context_lens)):

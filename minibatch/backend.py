@@ -32,7 +32,7 @@ class Backend:
     apply_rope: Callable
     write_kv: Callable
     cached_attention: Callable
-    copy_blocks: Callable | None = None
+    copy_blocks: Callable
 
     def asarray(self, array: Any, dtype: Any = None) -> Any:
         """Host array -> this backend's array (a no-op for numpy)."""

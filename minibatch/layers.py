@@ -39,8 +39,9 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """SiLU (swish): ``x * sigmoid(x)``."""
-    return x / (1.0 + np.exp(-x))
+    """SiLU (swish): ``x * sigmoid(x)``, with ``sigmoid(x) = (1 + tanh(x/2)) / 2`` so that
+    no large negative ``x`` overflows ``exp``."""
+    return x * (0.5 * (1.0 + np.tanh(0.5 * x)))
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -1,0 +1,256 @@
+"""Causal grouped-query attention over a paged KV cache, as Numba CUDA kernels.
+
+Twins of ``write_kv`` and ``cached_attention`` in ``minibatch/attention.py``, with the
+same signatures and the same cache layout: per layer, K and V pools shaped
+``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``j`` of sequence ``s``
+lives in block ``block_tables[s, j // block_size]`` at offset ``j % block_size``.
+
+The NumPy twin gathers each sequence's keys into a contiguous array and runs a
+softmax over it. The kernel here never gathers: it reads K and V straight through the
+block table, and it never holds a whole row of scores either, because it runs an
+*online* softmax (Milakov & Gimelshein, 2018; the trick inside FlashAttention): keep a
+running maximum, a running sum of exponentials and a running weighted sum of values,
+and rescale the sums whenever the maximum grows. One kernel serves prefill, chunked
+prefill and decode, since all three are "these queries are the last tokens of that
+context".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import cuda, float32
+
+from minibatch_gpu.device import (
+    as_float32,
+    as_index,
+    blocks_for,
+    check_array,
+    launch_stream,
+    threads_per_block,
+    to_host,
+    xp,
+)
+
+MAX_HEAD_DIM = 256  # shared memory is sized at compile time, so head_dim has a bound
+ATTENTION_THREADS = 32  # one warp per (token, head): 32 x 256 float32 accumulators = 32 KiB shared
+WRITE_KV_THREADS = 256
+
+# ------------------------------------------------------------------------- kernels
+
+
+@cuda.jit
+def _write_kv_kernel(k_cache, v_cache, k, v, slot_mapping):
+    """One thread per (token, kv head, dim) element: copy it into the token's cache slot."""
+    num_tokens, num_kv_heads, head_dim = k.shape  # [N, Hkv, D]
+    block_size = k_cache.shape[1]  # k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+    for item in range(cuda.grid(1), num_tokens * num_kv_heads * head_dim, cuda.gridsize(1)):
+        token = item // (num_kv_heads * head_dim)
+        head = (item // head_dim) % num_kv_heads
+        d = item % head_dim
+        slot = slot_mapping[token]
+        if slot < 0:  # a token whose K/V is not to be stored
+            continue
+        block, offset = slot // block_size, slot % block_size
+        k_cache[block, offset, head, d] = k[token, head, d]
+        v_cache[block, offset, head, d] = v[token, head, d]
+
+
+@cuda.jit
+def _cached_attention_kernel(q, k_cache, v_cache, block_tables, seq_of_token, query_start_loc,
+                             context_lens, scale, out):
+    """One block per (query token, query head); the block's threads split that query's keys.
+
+    Each thread runs an online softmax over its own keys ``j = thread, thread + T, ...``;
+    then the block merges the ``T`` partial results, each rescaled by
+    ``exp(its max - the block's max)`` so that all of them count against one maximum.
+    """
+    row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
+    row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
+    row_acc = cuda.shared.array((ATTENTION_THREADS, MAX_HEAD_DIM), float32)  # [T, D] its sum of exp(..) * v
+    thread, num_threads = cuda.threadIdx.x, cuda.blockDim.x
+    num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D]
+    group = num_heads // num_kv_heads  # query heads sharing one kv head (GQA)
+
+    for item in range(cuda.blockIdx.x, num_tokens * num_heads, cuda.gridDim.x):
+        token, head = item // num_heads, item % num_heads
+        kv_head = head // group
+        seq = seq_of_token[token]
+        num_queries = query_start_loc[seq + 1] - query_start_loc[seq]
+        query_index = token - query_start_loc[seq]
+        # the queries are the last num_queries of context_len tokens: query i sees keys
+        # 0 .. context_len - num_queries + i, its own included
+        num_visible = context_lens[seq] - num_queries + query_index + 1
+
+        # --- each thread: online softmax over its share of the keys
+        running_max = float32(-math.inf)
+        running_sum = float32(0)
+        for d in range(head_dim):
+            row_acc[thread, d] = 0
+        for j in range(thread, num_visible, num_threads):
+            block = block_tables[seq, j // block_size]
+            offset = j % block_size
+            score = float32(0)
+            for d in range(head_dim):
+                score += q[token, head, d] * k_cache[block, offset, kv_head, d]
+            score *= scale
+            new_max = max(running_max, score)
+            correction = math.exp(running_max - new_max)  # rescales sums made under the old max
+            weight = math.exp(score - new_max)
+            running_sum = running_sum * correction + weight
+            for d in range(head_dim):
+                row_acc[thread, d] = row_acc[thread, d] * correction + weight * v_cache[block, offset, kv_head, d]
+            running_max = new_max
+        row_max[thread] = running_max  # -inf for a thread that had no key: it will weigh 0
+        row_sum[thread] = running_sum
+        cuda.syncthreads()
+
+        # --- the block: merge the threads' partial softmaxes; thread t writes dims t, t+T, ...
+        block_max = float32(-math.inf)
+        for t in range(num_threads):
+            block_max = max(block_max, row_max[t])
+        total = float32(0)
+        for t in range(num_threads):
+            total += row_sum[t] * math.exp(row_max[t] - block_max)
+        for d in range(thread, head_dim, num_threads):
+            weighted_values = float32(0)
+            for t in range(num_threads):
+                weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
+            out[token, head, d] = weighted_values / total
+        cuda.syncthreads()  # all threads are done with the shared rows before the next item
+
+
+@cuda.jit
+def _copy_blocks_kernel(k_cache, v_cache, block_copies):
+    """One thread per element of a block to copy: ``cache[dst] = cache[src]`` for K and V."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    per_block = block_size * num_kv_heads * head_dim
+    for item in range(cuda.grid(1), block_copies.shape[0] * per_block, cuda.gridsize(1)):
+        pair, within = item // per_block, item % per_block
+        source, target = block_copies[pair, 0], block_copies[pair, 1]
+        offset = within // (num_kv_heads * head_dim)
+        head = (within // head_dim) % num_kv_heads
+        d = within % head_dim
+        k_cache[target, offset, head, d] = k_cache[source, offset, head, d]
+        v_cache[target, offset, head, d] = v_cache[source, offset, head, d]
+
+
+# ------------------------------------------------------------------------ functions
+
+
+def write_kv(k_cache: Any, v_cache: Any, k: Any, v: Any, slot_mapping: Any) -> None:
+    """Store new tokens' keys and values in their cache slots, in place.
+
+    ``k_cache``/``v_cache``: ``[num_blocks, block_size, Hkv, D]``, C-contiguous float32
+    arrays of this backend (they are written, so they cannot be converted); ``k``/``v``:
+    ``[N, Hkv, D]``; ``slot_mapping``: ``[N]`` flat slot of each token (negative = skip).
+    Slots must be below ``num_blocks * block_size`` (not checked: that would need a device
+    sync). Twin of ``minibatch.attention.write_kv``.
+    """
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_array(name, cache, ndim=4)
+        if cache.dtype != np.float32 or not cache.flags.c_contiguous:
+            raise ValueError(f"write_kv: {name} must be a C-contiguous float32 array to be written in place, "
+                             f"got dtype {cache.dtype}; allocate it with KVStorage.allocate")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"write_kv: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    check_array("k", k, ndim=3)
+    check_array("v", v, ndim=3)
+    check_array("slot_mapping", slot_mapping, ndim=1, kind="integer")
+    if k.shape != v.shape or k.shape[1:] != k_cache.shape[2:] or slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"write_kv: expected k, v [N, Hkv, D] = [N, {k_cache.shape[2]}, {k_cache.shape[3]}] and "
+                         f"slot_mapping [N], got k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"slot_mapping {tuple(slot_mapping.shape)}")
+    if k.size == 0:
+        return
+    threads = threads_per_block(WRITE_KV_THREADS)
+    _write_kv_kernel[blocks_for(-(-k.size // threads)), threads, launch_stream()](
+        k_cache, v_cache, as_float32(k), as_float32(v), as_index(slot_mapping))
+
+
+def copy_blocks(k_cache: Any, v_cache: Any, block_copies: Any) -> None:
+    """Copy whole blocks, in place: ``block_copies`` is ``[P, 2]`` rows of ``(src, dst)``.
+
+    Copy-on-write uses it before a sequence writes into a block it shares. Destinations
+    must be distinct and never a source in the same call. Twin of
+    ``minibatch.attention.copy_blocks``.
+    """
+    check_array("block_copies", block_copies, ndim=2, kind="integer")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_array(name, cache, ndim=4)
+        if cache.dtype != np.float32 or not cache.flags.c_contiguous:
+            raise ValueError(f"copy_blocks: {name} must be a C-contiguous float32 array to be written in place")
+    if block_copies.shape[0] == 0:
+        return
+    if block_copies.shape[1] != 2:
+        raise ValueError(f"copy_blocks: block_copies must be [P, 2] (src, dst) rows, got {tuple(block_copies.shape)}")
+    elements = block_copies.shape[0] * int(np.prod(k_cache.shape[1:]))
+    threads = threads_per_block(WRITE_KV_THREADS)
+    _copy_blocks_kernel[blocks_for(-(-elements // threads)), threads, launch_stream()](
+        k_cache, v_cache, as_index(block_copies))
+
+
+def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_start_loc: np.ndarray,
+                     context_lens: np.ndarray, scale: float) -> Any:
+    """Attention of a flat, ragged batch of queries against the cache.
+
+    Sequence ``s`` owns queries ``q[query_start_loc[s]:query_start_loc[s+1]]``, which are
+    the last tokens of its ``context_lens[s]`` cached tokens (their K/V already written).
+    The same call serves prefill (many queries), chunked prefill (queries after earlier
+    chunks) and decode (one query). ``[N, Hq, D] -> [N, Hq, D]``.
+
+    ``block_tables`` ``[S, max_blocks]`` may live on the host or the device;
+    ``query_start_loc`` ``[S+1]`` and ``context_lens`` ``[S]`` are host integer arrays.
+    Twin of ``minibatch.attention.cached_attention``; one kernel launch.
+    """
+    check_array("q", q, ndim=3)
+    check_array("k_cache", k_cache, ndim=4)
+    check_array("v_cache", v_cache, ndim=4)
+    check_array("block_tables", block_tables, ndim=2, kind="integer")
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"cached_attention: k_cache {tuple(k_cache.shape)} and v_cache "
+                         f"{tuple(v_cache.shape)} differ")
+    if head_dim != cache_head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"cached_attention: q [N, Hq, D] = {tuple(q.shape)} does not fit a cache of "
+                         f"{num_kv_heads} kv heads of dim {cache_head_dim} (Hq must be a multiple of Hkv)")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"cached_attention: head dim {head_dim} is over the kernel's bound {MAX_HEAD_DIM}")
+    query_start_loc = to_host(query_start_loc).astype(np.int64)  # [S+1]
+    context_lens = to_host(context_lens).astype(np.int64)  # [S]
+    seq_of_token = _sequence_of_each_token(query_start_loc, context_lens, num_tokens, block_size,
+                                           block_tables.shape)  # [N]
+    out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
+    if out.size == 0:
+        return out
+    threads = threads_per_block(ATTENTION_THREADS)
+    _cached_attention_kernel[blocks_for(num_tokens * num_heads), threads, launch_stream()](
+        as_float32(q), as_float32(k_cache), as_float32(v_cache), as_index(block_tables),
+        as_index(seq_of_token), as_index(query_start_loc), as_index(context_lens), float32(scale), out)
+    return out
+
+
+def _sequence_of_each_token(query_start_loc: np.ndarray, context_lens: np.ndarray, num_tokens: int,
+                            block_size: int, block_tables_shape: tuple[int, ...]) -> np.ndarray:
+    """Check the batch layout on the host and return which sequence each query token
+    belongs to, ``[N]`` int64 (the kernel's blocks each need it for one token)."""
+    if query_start_loc.ndim != 1 or context_lens.ndim != 1 or len(query_start_loc) != len(context_lens) + 1:
+        raise ValueError(f"cached_attention: query_start_loc must be [S+1] and context_lens [S], got "
+                         f"{query_start_loc.shape} and {context_lens.shape}")
+    queries_per_seq = np.diff(query_start_loc)  # [S]
+    if len(query_start_loc) and (query_start_loc[0] != 0 or query_start_loc[-1] != num_tokens):
+        raise ValueError(f"cached_attention: query_start_loc must run from 0 to N={num_tokens}, "
+                         f"got {query_start_loc.tolist()}")
+    if np.any(queries_per_seq < 0) or np.any(context_lens < queries_per_seq):
+        raise ValueError(f"cached_attention: each sequence needs 0 <= queries <= context_len, got queries "
+                         f"{queries_per_seq.tolist()} and context_lens {context_lens.tolist()}")
+    blocks_needed = -(-context_lens // block_size)  # [S] ceil
+    if block_tables_shape[0] < len(context_lens) or np.any(blocks_needed > block_tables_shape[1]):
+        raise ValueError(f"cached_attention: block_tables {block_tables_shape} is too small for "
+                         f"{len(context_lens)} sequences of context_lens {context_lens.tolist()} "
+                         f"with block size {block_size}")
+    return np.repeat(np.arange(len(context_lens), dtype=np.int64), queries_per_seq)  # [N]

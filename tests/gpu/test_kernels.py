@@ -1,0 +1,242 @@
+"""Each GPU function equals its NumPy twin over random shapes, lengths and block tables.
+
+Runs in Numba's CUDA simulator unless ``MINIBATCH_GPU_TESTS=device`` (see tests/conftest.py);
+the simulator runs one Python thread per CUDA thread, so shapes stay tiny.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minibatch import attention as numpy_attention
+from minibatch import layers as numpy_layers
+from minibatch.config import ModelConfig
+from minibatch_gpu import attention as gpu_attention
+from minibatch_gpu import layers as gpu_layers
+from minibatch_gpu.device import gpu_available, to_device, to_host
+from tests.helpers import relative_error, tiny_raw_config
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = 1e-5  # float32 on both sides: only the order of the additions differs
+needs_device = pytest.mark.skipif(not gpu_available(), reason="needs a real CUDA GPU (MINIBATCH_GPU_TESTS=device)")
+
+seeds = st.integers(0, 2**32 - 1)
+head_dims = st.sampled_from([4, 8, 16])
+
+
+def normal(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_close(gpu_result, numpy_result) -> None:
+    gpu_result = to_host(gpu_result)
+    assert gpu_result.shape == numpy_result.shape and gpu_result.dtype == np.float32
+    if not np.any(numpy_result):
+        np.testing.assert_array_equal(gpu_result, numpy_result)
+    else:
+        assert relative_error(gpu_result, numpy_result) < TOLERANCE
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@given(st.integers(1, 12), st.integers(1, 40), st.floats(1e-8, 1e-2), st.floats(0.01, 100), seeds)
+def test_rms_norm_matches_numpy(num_tokens, hidden, eps, scale, seed):
+    rng = np.random.default_rng(seed)
+    x, weight = normal(rng, (num_tokens, hidden), scale), normal(rng, (hidden,))
+    assert_close(gpu_layers.rms_norm(to_device(x), to_device(weight), eps), numpy_layers.rms_norm(x, weight, eps))
+
+
+@st.composite
+def inverse_frequencies(draw, head_dim: int) -> np.ndarray:
+    """RoPE speeds from a config (default, linear or llama3 scaling) or plain random ones."""
+    kind = draw(st.sampled_from(["default", "linear", "llama3", "random"]))
+    if kind == "random":
+        return np.random.default_rng(draw(seeds)).uniform(0, 1, head_dim // 2).astype(np.float32)
+    scaling = {"default": None, "linear": {"rope_type": "linear", "factor": 4.0},
+               "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64}}[kind]
+    raw = tiny_raw_config(head_dim=head_dim, rope_theta=draw(st.sampled_from([100.0, 10000.0, 1e6])),
+                          rope_scaling=scaling)
+    return numpy_layers.rope_inverse_frequencies(ModelConfig.from_hf(raw))
+
+
+@given(st.integers(1, 12), st.integers(1, 4), st.sampled_from([2, 4, 8, 16]), st.data(), seeds)
+def test_apply_rope_matches_numpy(num_tokens, num_heads, head_dim, data, seed):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, (num_tokens, num_heads, head_dim))
+    positions = rng.integers(0, 4097, num_tokens)  # [N] int64, as a ForwardBatch holds them
+    inv_freq = data.draw(inverse_frequencies(head_dim))
+    expected = numpy_layers.apply_rope(x, positions, inv_freq)
+    assert_close(gpu_layers.apply_rope(to_device(x), to_device(positions), to_device(inv_freq)), expected)
+
+
+@given(st.integers(1, 12), st.integers(1, 40), st.floats(0.1, 30), seeds)
+def test_swiglu_matches_numpy(num_tokens, intermediate, scale, seed):
+    rng = np.random.default_rng(seed)
+    gate, up = normal(rng, (num_tokens, intermediate), scale), normal(rng, (num_tokens, intermediate))
+    with np.errstate(over="ignore"):  # the NumPy twin's exp(-gate) overflows to inf for gate < -88 (harmlessly)
+        expected = numpy_layers.swiglu(gate, up)
+    assert_close(gpu_layers.swiglu(to_device(gate), to_device(up)), expected)
+
+
+def test_swiglu_does_not_overflow_for_very_negative_gates():
+    gate = np.array([[-1000.0, -100.0, 0.0, 100.0]], np.float32)
+    up = np.ones_like(gate)
+    out = to_host(gpu_layers.swiglu(to_device(gate), to_device(up)))
+    assert np.all(np.isfinite(out))
+    with np.errstate(over="ignore"):
+        expected = numpy_layers.swiglu(gate, up)
+    np.testing.assert_allclose(out, expected, atol=1e-30)
+
+
+@given(st.integers(1, 12), st.integers(1, 24), st.integers(1, 24), st.booleans(), seeds)
+def test_linear_matches_numpy(num_tokens, in_features, out_features, with_bias, seed):
+    rng = np.random.default_rng(seed)
+    x, weight = normal(rng, (num_tokens, in_features)), normal(rng, (out_features, in_features))
+    bias = normal(rng, (out_features,)) if with_bias else None
+    gpu_bias = None if bias is None else to_device(bias)
+    assert_close(gpu_layers.linear(to_device(x), to_device(weight), gpu_bias), numpy_layers.linear(x, weight, bias))
+
+
+@given(st.integers(1, 30), st.integers(1, 16), st.integers(1, 12), seeds)
+def test_embedding_matches_numpy(vocab_size, hidden, num_tokens, seed):
+    rng = np.random.default_rng(seed)
+    table, token_ids = normal(rng, (vocab_size, hidden)), rng.integers(0, vocab_size, num_tokens)
+    result = to_host(gpu_layers.embedding(to_device(table), to_device(token_ids)))
+    np.testing.assert_array_equal(result, numpy_layers.embedding(table, token_ids))
+
+
+# ------------------------------------------------------------------------ attention
+
+
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 3), head_dims, st.integers(0, 12), seeds)
+def test_write_kv_matches_numpy(num_blocks, block_size, num_kv_heads, head_dim, num_tokens, seed):
+    rng = np.random.default_rng(seed)
+    num_slots = num_blocks * block_size
+    k, v = normal(rng, (num_tokens, num_kv_heads, head_dim)), normal(rng, (num_tokens, num_kv_heads, head_dim))
+    # distinct slots (two tokens never share one), some tokens skipped with -1
+    slot_mapping = np.full(num_tokens, -1, np.int64)  # [N]
+    stored = rng.permutation(num_tokens)[: min(num_tokens, num_slots, int(rng.integers(0, num_tokens + 1)))]
+    slot_mapping[stored] = rng.permutation(num_slots)[: len(stored)]
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = normal(rng, cache_shape), normal(rng, cache_shape)
+    gpu_k_cache, gpu_v_cache = to_device(k_cache.copy()), to_device(v_cache.copy())
+    numpy_attention.write_kv(k_cache, v_cache, k, v, slot_mapping)
+    gpu_attention.write_kv(gpu_k_cache, gpu_v_cache, to_device(k), to_device(v), to_device(slot_mapping))
+    np.testing.assert_array_equal(to_host(gpu_k_cache), k_cache)
+    np.testing.assert_array_equal(to_host(gpu_v_cache), v_cache)
+
+
+@st.composite
+def sequence_shapes(draw) -> tuple[int, int]:
+    """``(cached tokens before this step, queries this step)`` of one sequence in a batch."""
+    kind = draw(st.sampled_from(["prefill", "chunked_prefill", "decode"]))
+    if kind == "prefill":
+        return 0, draw(st.integers(1, 4))
+    if kind == "chunked_prefill":
+        return draw(st.integers(1, 18)), draw(st.integers(2, 4))
+    return draw(st.integers(1, 23)), 1
+
+
+@given(st.lists(sequence_shapes(), min_size=1, max_size=3), st.integers(1, 6), st.integers(1, 3),
+       st.integers(1, 3), head_dims, st.integers(0, 3), seeds)
+def test_cached_attention_matches_numpy(sequences, block_size, num_kv_heads, group, head_dim, spare_blocks, seed):
+    """A mixed batch (prefill, chunked prefill, decode) over a paged cache whose blocks are
+    handed out in shuffled order, with grouped-query heads."""
+    rng = np.random.default_rng(seed)
+    num_heads = num_kv_heads * group
+    queries_per_seq = np.array([queries for _, queries in sequences])  # [S]
+    context_lens = np.array([cached + queries for cached, queries in sequences])  # [S]
+    query_start_loc = np.concatenate([[0], np.cumsum(queries_per_seq)])  # [S+1]
+    blocks_per_seq = -(-context_lens // block_size)  # [S]
+    num_blocks = int(blocks_per_seq.sum()) + spare_blocks
+    shuffled = rng.permutation(num_blocks)  # any block can belong to any sequence, in any order
+    block_tables = np.full((len(sequences), int(blocks_per_seq.max()) + 1), -1, np.int32)  # [S, max_blocks]
+    for s, start in enumerate(np.concatenate([[0], np.cumsum(blocks_per_seq)[:-1]])):
+        block_tables[s, : blocks_per_seq[s]] = shuffled[start : start + blocks_per_seq[s]]
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = normal(rng, cache_shape), normal(rng, cache_shape)
+    q = normal(rng, (int(query_start_loc[-1]), num_heads, head_dim), scale=float(rng.uniform(0.1, 3)))
+    scale = head_dim**-0.5
+    expected = numpy_attention.cached_attention(q, k_cache, v_cache, block_tables, query_start_loc,
+                                                context_lens, scale)
+    result = gpu_attention.cached_attention(to_device(q), to_device(k_cache), to_device(v_cache),
+                                            to_device(block_tables), query_start_loc, context_lens, scale)
+    assert_close(result, expected)
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 8), st.integers(2, 3), st.integers(1, 2), head_dims,
+       seeds)
+def test_cached_attention_over_shared_prefix_blocks_matches_numpy(block_size, shared_blocks, tail, num_seqs,
+                                                                  num_kv_heads, head_dim, seed):
+    """Several sequences whose tables point at the same prefix blocks (a prefix-cache hit
+    or a fork), each with its own partially filled tail, decoding together."""
+    rng = np.random.default_rng(seed)
+    tail_blocks = -(-tail // block_size)
+    num_blocks = shared_blocks + num_seqs * tail_blocks
+    order = rng.permutation(num_blocks)
+    prefix, tails = order[:shared_blocks], order[shared_blocks:].reshape(num_seqs, tail_blocks)
+    block_tables = np.array([np.concatenate([prefix, tails[s]]) for s in range(num_seqs)],
+                            dtype=np.int32)  # [S, shared + tail]
+    context_lens = np.full(num_seqs, shared_blocks * block_size + tail)  # [S]
+    query_start_loc = np.arange(num_seqs + 1)  # one decode query each
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = normal(rng, cache_shape), normal(rng, cache_shape)
+    q = normal(rng, (num_seqs, num_kv_heads * 2, head_dim))
+    expected = numpy_attention.cached_attention(q, k_cache, v_cache, block_tables, query_start_loc,
+                                                context_lens, 0.5)
+    result = gpu_attention.cached_attention(to_device(q), to_device(k_cache), to_device(v_cache),
+                                            to_device(block_tables), query_start_loc, context_lens, 0.5)
+    assert_close(result, expected)
+
+
+@given(st.integers(2, 8), st.integers(1, 4), st.integers(1, 2), head_dims, st.integers(0, 3), seeds)
+def test_copy_blocks_matches_numpy(num_blocks, block_size, num_kv_heads, head_dim, num_copies, seed):
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(num_blocks)
+    num_copies = min(num_copies, num_blocks // 2)
+    block_copies = np.stack([chosen[:num_copies], chosen[num_copies:2 * num_copies]], axis=1).astype(np.int64)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = normal(rng, cache_shape), normal(rng, cache_shape)
+    gpu_k_cache, gpu_v_cache = to_device(k_cache.copy()), to_device(v_cache.copy())
+    numpy_attention.copy_blocks(k_cache, v_cache, block_copies)
+    gpu_attention.copy_blocks(gpu_k_cache, gpu_v_cache, to_device(block_copies))
+    np.testing.assert_array_equal(to_host(gpu_k_cache), k_cache)
+    np.testing.assert_array_equal(to_host(gpu_v_cache), v_cache)
+
+
+# ----------------------------------------------------------------- boundary checks
+
+
+def test_bad_shapes_raise_value_errors():
+    x = to_device(np.zeros((2, 3, 5), np.float32))
+    with pytest.raises(ValueError, match="even"):
+        gpu_layers.apply_rope(x, to_device(np.zeros(2, np.int64)), to_device(np.zeros(2, np.float32)))
+    with pytest.raises(ValueError, match="last dimension"):
+        gpu_layers.linear(to_device(np.zeros((2, 3), np.float32)), to_device(np.zeros((4, 5), np.float32)))
+    with pytest.raises(ValueError, match="integer"):
+        gpu_layers.embedding(to_device(np.zeros((4, 3), np.float32)), to_device(np.zeros(2, np.float32)))
+    cache = to_device(np.zeros((2, 4, 2, 8), np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        gpu_attention.cached_attention(to_device(np.zeros((1, 3, 8), np.float32)), cache, cache,
+                                       np.zeros((1, 1), np.int32), np.array([0, 1]), np.array([1]), 1.0)
+    with pytest.raises(ValueError, match="too small"):
+        gpu_attention.cached_attention(to_device(np.zeros((1, 2, 8), np.float32)), cache, cache,
+                                       np.zeros((1, 1), np.int32), np.array([0, 1]), np.array([5]), 1.0)
+    with pytest.raises(ValueError, match="in place"):
+        gpu_attention.write_kv(cache.astype(np.float64), cache, to_device(np.zeros((1, 2, 8), np.float32)),
+                               to_device(np.zeros((1, 2, 8), np.float32)), to_device(np.zeros(1, np.int64)))
+
+
+@needs_device
+def test_results_stay_on_the_device():
+    import cupy
+
+    x = cupy.ones((3, 8), dtype=cupy.float32)
+    assert isinstance(gpu_layers.rms_norm(x, cupy.ones(8, dtype=cupy.float32), 1e-6), cupy.ndarray)
+    assert isinstance(gpu_layers.linear(x, cupy.ones((4, 8), dtype=cupy.float32)), cupy.ndarray)
