@@ -76,6 +76,30 @@ def gather_kv(cache: np.ndarray, block_table: np.ndarray, context_len: int) -> n
     return blocks.reshape(-1, *cache.shape[2:])[:context_len]  # [S, Hkv, D]
 
 
+def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
+                     context_lens: np.ndarray, scale: float) -> np.ndarray:
+    """Attention for ``S`` sequences with one query each (decode), all at once.
+
+    Gathers every sequence's blocks into one padded ``[S, L, Hkv, D]`` array and masks
+    the padding, so the whole batch is two batched matmuls instead of ``S`` small ones.
+    Same result as :func:`cached_attention` on single-query sequences.
+    ``[S, Hq, D] -> [S, Hq, D]``.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_blocks = -(-int(np.max(context_lens)) // block_size)
+    tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding, masked below)
+    k = k_cache[tables].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    v = v_cache[tables].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    q = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
+    scores = q @ k.transpose(0, 2, 3, 1) * scale  # [S, Hkv, G, L]
+    padding = np.arange(k.shape[1])[None, :] >= np.asarray(context_lens)[:, None]  # [S, L]
+    scores = np.where(padding[:, None, None, :], -np.inf, scores)  # [S, Hkv, G, L]
+    out = softmax(scores) @ v.transpose(0, 2, 1, 3)  # [S, Hkv, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim)  # [S, Hq, D]
+
+
 def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                      block_tables: np.ndarray, query_start_loc: np.ndarray,
                      context_lens: np.ndarray, scale: float) -> np.ndarray:
@@ -87,9 +111,21 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     chunks) and decode (one query). ``[N, Hq, D] -> [N, Hq, D]``. ``query_start_loc``
     and ``context_lens`` are host integer arrays, and each sequence has at least as many
     cached tokens as queries.
+
+    Sequences are taken one at a time; when several are decoding, those go through
+    :func:`decode_attention` together (the same math, batched).
     """
     out = np.empty_like(q)  # [N, Hq, D]
-    for s in range(len(context_lens)):
+    num_queries = np.diff(query_start_loc)  # [S]
+    decoding = np.flatnonzero(num_queries == 1)
+    if len(decoding) > 1:
+        rows = query_start_loc[decoding]
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[decoding],
+                                     context_lens[decoding], scale)
+        one_by_one = np.flatnonzero(num_queries != 1)
+    else:
+        one_by_one = range(len(context_lens))
+    for s in one_by_one:
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
         k = gather_kv(k_cache, block_tables[s], int(context_lens[s]))  # [S, Hkv, D]
         v = gather_kv(v_cache, block_tables[s], int(context_lens[s]))  # [S, Hkv, D]

@@ -109,3 +109,26 @@ def test_write_kv_skips_negative_slots():
     v_cache = np.zeros_like(k_cache)
     write_kv(k_cache, v_cache, np.ones((2, 1, 1)), np.ones((2, 1, 1)), np.array([3, -1]))
     assert k_cache.reshape(-1).tolist() == [0, 0, 0, 1]
+
+
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=5), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from([(2, 1), (4, 2), (2, 2)]), st.integers(0, 2**31))
+def test_batched_decode_attention_equals_one_sequence_at_a_time(context_lens, block_size, heads, seed):
+    from minibatch.attention import decode_attention
+
+    rng = np.random.default_rng(seed)
+    hq, hkv = heads
+    blocks = [-(-n // block_size) for n in context_lens]
+    order = rng.permutation(sum(blocks))
+    tables = np.full((len(blocks), max(blocks)), -1)
+    for s, start in enumerate(np.cumsum([0, *blocks[:-1]])):
+        tables[s, :blocks[s]] = order[start:start + blocks[s]]
+    k_cache, v_cache = rng.standard_normal((2, sum(blocks), block_size, hkv, 4))
+    q = rng.standard_normal((len(blocks), hq, 4))
+    batched = decode_attention(q, k_cache, v_cache, tables, np.array(context_lens), 0.7)
+    for s, n in enumerate(context_lens):
+        positions = np.arange(n)
+        slots = tables[s][positions // block_size] * block_size + positions % block_size
+        k = k_cache.reshape(-1, hkv, 4)[slots]
+        v = v_cache.reshape(-1, hkv, 4)[slots]
+        np.testing.assert_allclose(batched[s], causal_attention(q[s:s + 1], k, v, 0.7)[0], rtol=1e-6, atol=1e-9)
