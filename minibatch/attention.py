@@ -41,43 +41,68 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return exp / np.sum(exp, axis=-1, keepdims=True)
 
 
+def quantize_kv_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per token and head: ``[N, Hkv, D] -> int8 [N, Hkv, D],
+    float32 [N, Hkv]``. Each element is off by at most half its scale, ``max|x| / 254``."""
+    scale = np.max(np.abs(x), axis=-1) / 127  # [N, Hkv]
+    scale = np.where(scale == 0, 1, scale).astype(np.float32)
+    return np.clip(np.round(x / scale[..., None]), -127, 127).astype(np.int8), scale
+
+
 def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
-             slot_mapping: np.ndarray) -> None:
+             slot_mapping: np.ndarray, k_scale: np.ndarray | None = None,
+             v_scale: np.ndarray | None = None) -> None:
     """Store new tokens' keys and values in their cache slots, in place.
 
     ``k_cache``/``v_cache``: ``[num_blocks, block_size, Hkv, D]``; ``k``/``v``:
     ``[N, Hkv, D]``; ``slot_mapping``: ``[N]`` flat slot of each token (negative = skip).
     Non-negative slots must be distinct (on a GPU two writes to one slot would race).
+    An int8 cache also passes ``k_scale``/``v_scale`` ``[num_blocks, block_size, Hkv]``:
+    each token is quantized on its way in (:func:`quantize_kv_int8`).
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     keep = slot_mapping >= 0  # [N]
-    k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping[keep]] = k[keep]
-    v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping[keep]] = v[keep]
+    slots = slot_mapping[keep]
+    k, v = k[keep], v[keep]
+    if k_scale is not None:
+        (k, k_scales), (v, v_scales) = quantize_kv_int8(k), quantize_kv_int8(v)
+        k_scale.reshape(num_blocks * block_size, num_kv_heads)[slots] = k_scales
+        v_scale.reshape(num_blocks * block_size, num_kv_heads)[slots] = v_scales
+    k_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k
+    v_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v
 
 
-def copy_blocks(k_cache: np.ndarray, v_cache: np.ndarray, block_copies: np.ndarray) -> None:
-    """Copy whole blocks, in place: ``block_copies`` is ``[P, 2]`` rows of ``(src, dst)``.
+def copy_blocks(k_cache: np.ndarray, v_cache: np.ndarray, block_copies: np.ndarray,
+                k_scale: np.ndarray | None = None, v_scale: np.ndarray | None = None) -> None:
+    """Copy whole blocks, in place: ``block_copies`` is ``[P, 2]`` rows of ``(src, dst)``
+    (with their scales, for an int8 cache).
 
     Copy-on-write uses it: a sequence about to write into a block it shares gets a
     private copy first.
     """
     if len(block_copies):
-        k_cache[block_copies[:, 1]] = k_cache[block_copies[:, 0]]  # [P, block_size, Hkv, D]
-        v_cache[block_copies[:, 1]] = v_cache[block_copies[:, 0]]
+        for pool in (k_cache, v_cache) if k_scale is None else (k_cache, v_cache, k_scale, v_scale):
+            pool[block_copies[:, 1]] = pool[block_copies[:, 0]]  # [P, block_size, ...]
 
 
-def gather_kv(cache: np.ndarray, block_table: np.ndarray, context_len: int) -> np.ndarray:
-    """One sequence's first ``context_len`` cached tokens, in order: ``-> [S, Hkv, D]``."""
+def gather_kv(cache: np.ndarray, block_table: np.ndarray, context_len: int,
+              scale: np.ndarray | None = None) -> np.ndarray:
+    """One sequence's first ``context_len`` cached tokens, in order, dequantized when the
+    cache is int8 (``scale``: ``[num_blocks, block_size, Hkv]``): ``-> [S, Hkv, D]``."""
     block_size = cache.shape[1]
     num_blocks = -(-context_len // block_size)  # ceil
     if num_blocks == 1:  # a view, no copy: the common case of a contiguous cache
-        return cache[block_table[0], :context_len]  # [S, Hkv, D]
+        values = cache[block_table[0], :context_len]  # [S, Hkv, D]
+        return values if scale is None else values * scale[block_table[0], :context_len, :, None]
     blocks = cache[block_table[:num_blocks]]  # [num_blocks, block_size, Hkv, D]
+    if scale is not None:
+        blocks = blocks * scale[block_table[:num_blocks]][..., None]  # dequantize
     return blocks.reshape(-1, *cache.shape[2:])[:context_len]  # [S, Hkv, D]
 
 
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
-                     context_lens: np.ndarray, scale: float) -> np.ndarray:
+                     context_lens: np.ndarray, scale: float, k_scale: np.ndarray | None = None,
+                     v_scale: np.ndarray | None = None) -> np.ndarray:
     """Attention for ``S`` sequences with one query each (decode), all at once.
 
     Gathers every sequence's blocks into one padded ``[S, L, Hkv, D]`` array and masks
@@ -90,8 +115,11 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     group = num_heads // num_kv_heads
     max_blocks = -(-int(np.max(context_lens)) // block_size)
     tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding, masked below)
-    k = k_cache[tables].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
-    v = v_cache[tables].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    k, v = k_cache[tables], v_cache[tables]  # [S, B, block_size, Hkv, D]
+    if k_scale is not None:  # int8 cache: dequantize what was gathered
+        k, v = k * k_scale[tables][..., None], v * v_scale[tables][..., None]
+    k = k.reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    v = v.reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
     q = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
     scores = q @ k.transpose(0, 2, 3, 1) * scale  # [S, Hkv, G, L]
     padding = np.arange(k.shape[1])[None, :] >= np.asarray(context_lens)[:, None]  # [S, L]
@@ -102,7 +130,8 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
 
 def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                      block_tables: np.ndarray, query_start_loc: np.ndarray,
-                     context_lens: np.ndarray, scale: float) -> np.ndarray:
+                     context_lens: np.ndarray, scale: float, k_scale: np.ndarray | None = None,
+                     v_scale: np.ndarray | None = None) -> np.ndarray:
     """Attention of a flat, ragged batch of queries against the cache.
 
     Sequence ``s`` owns queries ``q[query_start_loc[s]:query_start_loc[s+1]]``, which are
@@ -110,24 +139,25 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     The same call serves prefill (many queries), chunked prefill (queries after earlier
     chunks) and decode (one query). ``[N, Hq, D] -> [N, Hq, D]``. ``query_start_loc``
     and ``context_lens`` are host integer arrays, and each sequence has at least as many
-    cached tokens as queries.
+    cached tokens as queries. An int8 cache passes its ``k_scale``/``v_scale``
+    ``[num_blocks, block_size, Hkv]`` and is dequantized as it is read.
 
     Sequences are taken one at a time; when several are decoding, those go through
     :func:`decode_attention` together (the same math, batched).
     """
-    out = np.empty_like(q)  # [N, Hq, D]
+    out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
     num_queries = np.diff(query_start_loc)  # [S]
     decoding = np.flatnonzero(num_queries == 1)
     if len(decoding) > 1:
         rows = query_start_loc[decoding]
         out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[decoding],
-                                     context_lens[decoding], scale)
+                                     context_lens[decoding], scale, k_scale, v_scale)
         one_by_one = np.flatnonzero(num_queries != 1)
     else:
         one_by_one = range(len(context_lens))
     for s in one_by_one:
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
-        k = gather_kv(k_cache, block_tables[s], int(context_lens[s]))  # [S, Hkv, D]
-        v = gather_kv(v_cache, block_tables[s], int(context_lens[s]))  # [S, Hkv, D]
+        k = gather_kv(k_cache, block_tables[s], int(context_lens[s]), k_scale)  # [S, Hkv, D]
+        v = gather_kv(v_cache, block_tables[s], int(context_lens[s]), v_scale)  # [S, Hkv, D]
         out[start:end] = causal_attention(q[start:end], k, v, scale)  # [T, Hq, D]
     return out

@@ -42,13 +42,14 @@ class EngineConfig:
     policy: str = "fcfs"  # "fcfs" | "priority" | "prefill_first"
     enable_prefix_caching: bool = True
     watermark: float = 0.01  # fraction of blocks kept free when admitting
+    kv_cache_dtype: str = "float32"  # "float32" | "int8" (one scale per token and head)
 
     def resolve_num_blocks(self, config: ModelConfig) -> int:
         """Blocks in the pool: as configured, or as many as the memory budget holds, but
         no more than ``max_num_seqs`` full-context sequences need."""
         if self.num_blocks is not None:
             return self.num_blocks
-        by_memory = self.kv_cache_memory // (self.block_size * kv_bytes_per_token(config))
+        by_memory = self.kv_cache_memory // (self.block_size * kv_bytes_per_token(config, self.kv_cache_dtype))
         enough = self.max_num_seqs * -(-config.max_model_len // self.block_size) + 1
         return max(1, min(by_memory, enough))
 
@@ -99,7 +100,8 @@ class LLMEngine:
         self.config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.config.bos_token_id,
                                                    self.config.eos_token_ids, self.config.vocab_size)
-        self.runner = ModelRunner(self.config, load_weights(self.model_dir, self.config), get_backend(backend))
+        self.runner = ModelRunner(self.config, load_weights(self.model_dir, self.config), get_backend(backend),
+                                  self.engine_config.kv_cache_dtype)
         get_policy(self.engine_config.policy)  # fail early on a bad name
         self.reset()
 

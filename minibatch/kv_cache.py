@@ -24,29 +24,56 @@ import numpy as np
 from minibatch.config import ModelConfig
 
 
+KV_CACHE_DTYPES = ("float32", "int8")
+
+
 @dataclass(slots=True)
 class KVStorage:
-    """Per-layer K and V pools, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+    """Per-layer K and V pools, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+    An ``int8`` cache also keeps one float32 scale per token and head,
+    ``k_scale``/``v_scale`` ``[num_blocks, block_size, num_kv_heads]`` per layer.
+    """
 
     k: list[Any]
     v: list[Any]
+    k_scale: list[Any] | None = None
+    v_scale: list[Any] | None = None
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, xp: Any = np,
-                 dtype: Any = np.float32) -> KVStorage:
+                 kv_cache_dtype: str = "float32") -> KVStorage:
         """Zeroed pools for every layer, on the array module ``xp`` (numpy or cupy)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype '{kv_cache_dtype}' is not supported: choose one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        return cls(k=[xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)],
-                   v=[xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)])
+
+        def pools(dtype: Any, pool_shape: tuple[int, ...] = shape) -> list[Any]:
+            return [xp.zeros(pool_shape, dtype=dtype) for _ in range(config.num_layers)]
+
+        if kv_cache_dtype == "int8":
+            return cls(pools(np.int8), pools(np.int8), pools(np.float32, shape[:3]), pools(np.float32, shape[:3]))
+        return cls(pools(np.float32), pools(np.float32))
+
+    def layer(self, index: int) -> dict[str, Any]:
+        """Layer ``index``'s pools as keyword arguments of ``write_kv``/``cached_attention``."""
+        quantized = self.k_scale is not None
+        return {"k_cache": self.k[index], "v_cache": self.v[index],
+                "k_scale": self.k_scale[index] if quantized else None,
+                "v_scale": self.v_scale[index] if quantized else None}
 
     @property
     def num_bytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.k + self.v)
+        scales = (self.k_scale or []) + (self.v_scale or [])
+        return sum(int(a.nbytes) for a in self.k + self.v + scales)
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 4) -> int:
-    """Bytes of K and V one token occupies across all layers."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
+def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str = "float32") -> int:
+    """Bytes of K and V one token occupies across all layers (int8: values plus one
+    float32 scale per head)."""
+    per_head = config.head_dim * 4 if kv_cache_dtype == "float32" else config.head_dim + 4
+    return 2 * config.num_layers * config.num_kv_heads * per_head
 
 
 class CacheFullError(RuntimeError):

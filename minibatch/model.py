@@ -140,7 +140,7 @@ class ForwardBatch:
 
 
 def decoder_layer(ops: Backend, config: ModelConfig, w: LayerWeights, x: Any, batch: ForwardBatch,
-                  device_batch: dict[str, Any], inv_freq: Any, k_cache: Any, v_cache: Any) -> Any:
+                  device_batch: dict[str, Any], inv_freq: Any, kv: dict[str, Any]) -> Any:
     """One pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
     n, d = x.shape[0], config.head_dim
     h = ops.rms_norm(x, w.input_norm, config.rms_norm_eps)  # [N, H]
@@ -149,9 +149,11 @@ def decoder_layer(ops: Backend, config: ModelConfig, w: LayerWeights, x: Any, ba
     v = ops.linear(h, w.v_proj, w.v_bias).reshape(n, config.num_kv_heads, d)  # [N, Hkv, D]
     q = ops.apply_rope(q, device_batch["positions"], inv_freq)  # [N, Hq, D]
     k = ops.apply_rope(k, device_batch["positions"], inv_freq)  # [N, Hkv, D]
-    ops.write_kv(k_cache, v_cache, k, v, device_batch["slot_mapping"])
-    attn = ops.cached_attention(q, k_cache, v_cache, device_batch["block_tables"],
-                                batch.query_start_loc, batch.context_lens, d ** -0.5)  # [N, Hq, D]
+    ops.write_kv(kv["k_cache"], kv["v_cache"], k, v, device_batch["slot_mapping"],
+                 kv["k_scale"], kv["v_scale"])
+    attn = ops.cached_attention(q, kv["k_cache"], kv["v_cache"], device_batch["block_tables"],
+                                batch.query_start_loc, batch.context_lens, d ** -0.5,
+                                kv["k_scale"], kv["v_scale"])  # [N, Hq, D]
     x = x + ops.linear(attn.reshape(n, -1), w.o_proj)  # [N, H]
     h = ops.rms_norm(x, w.post_attention_norm, config.rms_norm_eps)  # [N, H]
     mlp = ops.swiglu(ops.linear(h, w.gate_proj), ops.linear(h, w.up_proj))  # [N, I]
@@ -166,7 +168,7 @@ def forward(ops: Backend, config: ModelConfig, weights: ModelWeights, batch: For
                     for name in ("token_ids", "positions", "block_tables", "slot_mapping")}
     x = ops.embedding(weights.embed_tokens, device_batch["token_ids"])  # [N, H]
     for i, layer in enumerate(weights.layers):
-        x = decoder_layer(ops, config, layer, x, batch, device_batch, inv_freq, kv.k[i], kv.v[i])
+        x = decoder_layer(ops, config, layer, x, batch, device_batch, inv_freq, kv.layer(i))
     x = x[ops.asarray(batch.logits_indices)]  # [L, H] only where we sample
     x = ops.rms_norm(x, weights.final_norm, config.rms_norm_eps)  # [L, H]
     return ops.linear(x, weights.lm_head)  # [L, V]
@@ -179,8 +181,10 @@ class ModelRunner:
     (sampling, the engine) is plain NumPy whatever the backend.
     """
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend | None = None):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend | None = None,
+                 kv_cache_dtype: str = "float32"):
         self.config = config
+        self.kv_cache_dtype = kv_cache_dtype
         self.backend = backend or numpy_backend()
         self.weights = weights.map(lambda t: self.backend.asarray(t, dtype=np.float32))
         self.inv_freq = self.backend.asarray(rope_inverse_frequencies(config))
@@ -194,7 +198,8 @@ class ModelRunner:
 
     def new_kv(self, num_blocks: int, block_size: int) -> KVStorage:
         """Separate KV pools on this runner's backend (e.g. for a one-off scoring pass)."""
-        return KVStorage.allocate(self.config, num_blocks, block_size, xp=self.backend.xp)
+        return KVStorage.allocate(self.config, num_blocks, block_size, xp=self.backend.xp,
+                                  kv_cache_dtype=self.kv_cache_dtype)
 
     def run(self, batch: ForwardBatch, kv: KVStorage | None = None) -> np.ndarray:
         """Forward one batch (after the block copies it asks for) on ``kv`` (default: the
@@ -204,7 +209,9 @@ class ModelRunner:
             raise RuntimeError("call allocate_kv() before run()")
         if len(batch.block_copies):
             copies = self.backend.asarray(batch.block_copies)
-            for k_cache, v_cache in zip(kv.k, kv.v, strict=True):
-                self.backend.copy_blocks(k_cache, v_cache, copies)
+            for i in range(self.config.num_layers):
+                layer = kv.layer(i)
+                self.backend.copy_blocks(layer["k_cache"], layer["v_cache"], copies, layer["k_scale"],
+                                         layer["v_scale"])
         logits = forward(self.backend, self.config, self.weights, batch, kv, self.inv_freq)
         return self.backend.to_numpy(logits).astype(np.float32, copy=False)

@@ -59,13 +59,51 @@ def _write_kv_kernel(k_cache, v_cache, k, v, slot_mapping):
 
 
 @cuda.jit
-def _cached_attention_kernel(q, k_cache, v_cache, block_tables, seq_of_token, query_start_loc,
-                             context_lens, scale, out):
+def _write_kv_int8_kernel(k_cache, v_cache, k_scale, v_scale, k, v, slot_mapping):
+    """One thread per (token, kv head): find max|x| over the head's D values, store the
+    scale ``max / 127`` and the rounded int8 values (twin of ``quantize_kv_int8``)."""
+    num_tokens, num_kv_heads, head_dim = k.shape  # [N, Hkv, D]
+    block_size = k_cache.shape[1]  # k_cache, v_cache: int8 [num_blocks, block_size, Hkv, D]
+    for item in range(cuda.grid(1), num_tokens * num_kv_heads, cuda.gridsize(1)):
+        token, head = item // num_kv_heads, item % num_kv_heads
+        slot = slot_mapping[token]
+        if slot < 0:
+            continue
+        block, offset = slot // block_size, slot % block_size
+        _quantize_head(k, token, head, head_dim, k_cache, k_scale, block, offset)
+        _quantize_head(v, token, head, head_dim, v_cache, v_scale, block, offset)
+
+
+@cuda.jit(device=True)
+def _quantize_head(x, token, head, head_dim, cache, scales, block, offset):
+    largest = float32(0)
+    for d in range(head_dim):
+        largest = max(largest, abs(x[token, head, d]))
+    scale = largest / float32(127) if largest > 0 else float32(1)
+    scales[block, offset, head] = scale
+    for d in range(head_dim):
+        # round half to even, like np.round, so both backends store the same bytes
+        cache[block, offset, head, d] = max(-127, min(127, _round_half_even(x[token, head, d] / scale)))
+
+
+@cuda.jit(device=True)
+def _round_half_even(value):
+    nearest = math.floor(value + float32(0.5))
+    if nearest - value == float32(0.5) and nearest % 2 != 0:  # exactly halfway: go to the even side
+        nearest -= 1
+    return nearest
+
+
+@cuda.jit
+def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, block_tables, seq_of_token,
+                             query_start_loc, context_lens, scale, out):
     """One block per (query token, query head); the block's threads split that query's keys.
 
     Each thread runs an online softmax over its own keys ``j = thread, thread + T, ...``;
     then the block merges the ``T`` partial results, each rescaled by
     ``exp(its max - the block's max)`` so that all of them count against one maximum.
+    An int8 cache (``quantized``) multiplies each key and value by its token's scale as
+    it is read; a float cache passes 1-element dummy scales.
     """
     row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
     row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
@@ -93,16 +131,19 @@ def _cached_attention_kernel(q, k_cache, v_cache, block_tables, seq_of_token, qu
         for j in range(thread, num_visible, num_threads):
             block = block_tables[seq, j // block_size]
             offset = j % block_size
+            k_dequant = k_scale[block, offset, kv_head] if quantized else float32(1)
+            v_dequant = v_scale[block, offset, kv_head] if quantized else float32(1)
             score = float32(0)
             for d in range(head_dim):
                 score += q[token, head, d] * k_cache[block, offset, kv_head, d]
-            score *= scale
+            score *= scale * k_dequant
             new_max = max(running_max, score)
             correction = math.exp(running_max - new_max)  # rescales sums made under the old max
             weight = math.exp(score - new_max)
             running_sum = running_sum * correction + weight
             for d in range(head_dim):
-                row_acc[thread, d] = row_acc[thread, d] * correction + weight * v_cache[block, offset, kv_head, d]
+                value = v_cache[block, offset, kv_head, d] * v_dequant
+                row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
             running_max = new_max
         row_max[thread] = running_max  # -inf for a thread that had no key: it will weigh 0
         row_sum[thread] = running_sum
@@ -141,22 +182,38 @@ def _copy_blocks_kernel(k_cache, v_cache, block_copies):
 # ------------------------------------------------------------------------ functions
 
 
-def write_kv(k_cache: Any, v_cache: Any, k: Any, v: Any, slot_mapping: Any) -> None:
+def _check_pools(function: str, k_cache: Any, v_cache: Any, k_scale: Any, v_scale: Any) -> bool:
+    """Check the pools are writable in place; return whether the cache is int8."""
+    quantized = k_scale is not None
+    dtype = np.int8 if quantized else np.float32
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_array(name, cache, ndim=4, kind="integer" if quantized else "float")
+        if cache.dtype != dtype or not cache.flags.c_contiguous:
+            raise ValueError(f"{function}: {name} must be a C-contiguous {np.dtype(dtype).name} array to be written "
+                             f"in place, got dtype {cache.dtype}; allocate it with KVStorage.allocate")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{function}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if quantized:
+        for name, scales in (("k_scale", k_scale), ("v_scale", v_scale)):
+            check_array(name, scales, ndim=3)
+            if tuple(scales.shape) != tuple(k_cache.shape[:3]) or scales.dtype != np.float32:
+                raise ValueError(f"{function}: {name} must be float32 {tuple(k_cache.shape[:3])}, "
+                                 f"got {scales.dtype} {tuple(scales.shape)}")
+    return quantized
+
+
+def write_kv(k_cache: Any, v_cache: Any, k: Any, v: Any, slot_mapping: Any, k_scale: Any = None,
+             v_scale: Any = None) -> None:
     """Store new tokens' keys and values in their cache slots, in place.
 
-    ``k_cache``/``v_cache``: ``[num_blocks, block_size, Hkv, D]``, C-contiguous float32
-    arrays of this backend (they are written, so they cannot be converted); ``k``/``v``:
-    ``[N, Hkv, D]``; ``slot_mapping``: ``[N]`` flat slot of each token (negative = skip).
-    Slots must be below ``num_blocks * block_size`` (not checked: that would need a device
-    sync). Twin of ``minibatch.attention.write_kv``.
+    ``k_cache``/``v_cache``: ``[num_blocks, block_size, Hkv, D]``, C-contiguous arrays of
+    this backend (float32, or int8 with ``k_scale``/``v_scale`` ``[num_blocks, block_size,
+    Hkv]`` — each token is then quantized on the way in); ``k``/``v``: ``[N, Hkv, D]``;
+    ``slot_mapping``: ``[N]`` flat slot of each token (negative = skip). Slots must be
+    below ``num_blocks * block_size`` (not checked: that would need a device sync).
+    Twin of ``minibatch.attention.write_kv``.
     """
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_array(name, cache, ndim=4)
-        if cache.dtype != np.float32 or not cache.flags.c_contiguous:
-            raise ValueError(f"write_kv: {name} must be a C-contiguous float32 array to be written in place, "
-                             f"got dtype {cache.dtype}; allocate it with KVStorage.allocate")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"write_kv: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    quantized = _check_pools("write_kv", k_cache, v_cache, k_scale, v_scale)
     check_array("k", k, ndim=3)
     check_array("v", v, ndim=3)
     check_array("slot_mapping", slot_mapping, ndim=1, kind="integer")
@@ -167,34 +224,39 @@ def write_kv(k_cache: Any, v_cache: Any, k: Any, v: Any, slot_mapping: Any) -> N
     if k.size == 0:
         return
     threads = threads_per_block(WRITE_KV_THREADS)
+    if quantized:
+        heads = k.shape[0] * k.shape[1]
+        _write_kv_int8_kernel[blocks_for(-(-heads // threads)), threads, launch_stream()](
+            k_cache, v_cache, k_scale, v_scale, as_float32(k), as_float32(v), as_index(slot_mapping))
+        return
     _write_kv_kernel[blocks_for(-(-k.size // threads)), threads, launch_stream()](
         k_cache, v_cache, as_float32(k), as_float32(v), as_index(slot_mapping))
 
 
-def copy_blocks(k_cache: Any, v_cache: Any, block_copies: Any) -> None:
-    """Copy whole blocks, in place: ``block_copies`` is ``[P, 2]`` rows of ``(src, dst)``.
+def copy_blocks(k_cache: Any, v_cache: Any, block_copies: Any, k_scale: Any = None, v_scale: Any = None) -> None:
+    """Copy whole blocks, in place: ``block_copies`` is ``[P, 2]`` rows of ``(src, dst)``
+    (with their scales, for an int8 cache).
 
     Copy-on-write uses it before a sequence writes into a block it shares. Destinations
     must be distinct and never a source in the same call. Twin of
     ``minibatch.attention.copy_blocks``.
     """
     check_array("block_copies", block_copies, ndim=2, kind="integer")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_array(name, cache, ndim=4)
-        if cache.dtype != np.float32 or not cache.flags.c_contiguous:
-            raise ValueError(f"copy_blocks: {name} must be a C-contiguous float32 array to be written in place")
+    quantized = _check_pools("copy_blocks", k_cache, v_cache, k_scale, v_scale)
     if block_copies.shape[0] == 0:
         return
     if block_copies.shape[1] != 2:
         raise ValueError(f"copy_blocks: block_copies must be [P, 2] (src, dst) rows, got {tuple(block_copies.shape)}")
-    elements = block_copies.shape[0] * int(np.prod(k_cache.shape[1:]))
     threads = threads_per_block(WRITE_KV_THREADS)
-    _copy_blocks_kernel[blocks_for(-(-elements // threads)), threads, launch_stream()](
-        k_cache, v_cache, as_index(block_copies))
+    pairs = [(k_cache, v_cache)] + ([(k_scale[..., None], v_scale[..., None])] if quantized else [])
+    for keys, values in pairs:  # the scales copy as pools with a head dim of 1
+        elements = block_copies.shape[0] * int(np.prod(keys.shape[1:]))
+        _copy_blocks_kernel[blocks_for(-(-elements // threads)), threads, launch_stream()](
+            keys, values, as_index(block_copies))
 
 
 def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_start_loc: np.ndarray,
-                     context_lens: np.ndarray, scale: float) -> Any:
+                     context_lens: np.ndarray, scale: float, k_scale: Any = None, v_scale: Any = None) -> Any:
     """Attention of a flat, ragged batch of queries against the cache.
 
     Sequence ``s`` owns queries ``q[query_start_loc[s]:query_start_loc[s+1]]``, which are
@@ -204,11 +266,13 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
 
     ``block_tables`` ``[S, max_blocks]`` may live on the host or the device;
     ``query_start_loc`` ``[S+1]`` and ``context_lens`` ``[S]`` are host integer arrays.
+    An int8 cache passes ``k_scale``/``v_scale`` and is dequantized inside the kernel.
     Twin of ``minibatch.attention.cached_attention``; one kernel launch.
     """
     check_array("q", q, ndim=3)
-    check_array("k_cache", k_cache, ndim=4)
-    check_array("v_cache", v_cache, ndim=4)
+    quantized = k_scale is not None
+    check_array("k_cache", k_cache, ndim=4, kind="integer" if quantized else "float")
+    check_array("v_cache", v_cache, ndim=4, kind="integer" if quantized else "float")
     check_array("block_tables", block_tables, ndim=2, kind="integer")
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -227,10 +291,15 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
     out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
     if out.size == 0:
         return out
+    if quantized:
+        pools = (k_cache, v_cache, as_float32(k_scale), as_float32(v_scale))
+    else:
+        no_scale = xp.ones((1, 1, 1), dtype=xp.float32)  # never read: the kernel checks `quantized`
+        pools = (as_float32(k_cache), as_float32(v_cache), no_scale, no_scale)
     threads = threads_per_block(ATTENTION_THREADS)
     _cached_attention_kernel[blocks_for(num_tokens * num_heads), threads, launch_stream()](
-        as_float32(q), as_float32(k_cache), as_float32(v_cache), as_index(block_tables),
-        as_index(seq_of_token), as_index(query_start_loc), as_index(context_lens), float32(scale), out)
+        as_float32(q), *pools, quantized, as_index(block_tables), as_index(seq_of_token),
+        as_index(query_start_loc), as_index(context_lens), float32(scale), out)
     return out
 
 

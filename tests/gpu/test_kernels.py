@@ -240,3 +240,36 @@ def test_results_stay_on_the_device():
     x = cupy.ones((3, 8), dtype=cupy.float32)
     assert isinstance(gpu_layers.rms_norm(x, cupy.ones(8, dtype=cupy.float32), 1e-6), cupy.ndarray)
     assert isinstance(gpu_layers.linear(x, cupy.ones((4, 8), dtype=cupy.float32)), cupy.ndarray)
+
+
+# ------------------------------------------------------------------- int8 KV cache
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 2), head_dims, st.integers(1, 8), seeds)
+def test_int8_write_kv_and_attention_match_numpy(num_blocks, block_size, num_kv_heads, head_dim, num_tokens, seed):
+    rng = np.random.default_rng(seed)
+    num_tokens = min(num_tokens, num_blocks * block_size)
+    k, v = normal(rng, (num_tokens, num_kv_heads, head_dim)), normal(rng, (num_tokens, num_kv_heads, head_dim))
+    slot_mapping = rng.permutation(num_blocks * block_size)[:num_tokens].astype(np.int64)  # [N]
+    pools = [np.zeros((num_blocks, block_size, num_kv_heads, head_dim), np.int8) for _ in range(2)]
+    scales = [np.ones((num_blocks, block_size, num_kv_heads), np.float32) for _ in range(2)]
+    gpu_pools, gpu_scales = [to_device(p.copy()) for p in pools], [to_device(s.copy()) for s in scales]
+    numpy_attention.write_kv(*pools, k, v, slot_mapping, *scales)
+    gpu_attention.write_kv(*gpu_pools, to_device(k), to_device(v), to_device(slot_mapping), *gpu_scales)
+    for gpu_array, numpy_array in zip(gpu_pools + gpu_scales, pools + scales, strict=True):
+        np.testing.assert_array_equal(to_host(gpu_array), numpy_array)
+    # one sequence reading back everything that was written, through a shuffled table
+    table = rng.permutation(num_blocks)[None, :].astype(np.int32)
+    context = num_blocks * block_size
+    num_queries = min(2, context)
+    q = normal(rng, (num_queries, num_kv_heads * 2, head_dim))
+    loc, lens = np.array([0, num_queries]), np.array([context])
+    expected = numpy_attention.cached_attention(q, *pools, table, loc, lens, 0.5, *scales)
+    result = gpu_attention.cached_attention(to_device(q), *gpu_pools, to_device(table), loc, lens, 0.5, *gpu_scales)
+    assert_close(result, expected)
+    # copy-on-write copies the scales with the values
+    copies = np.array([[table[0, 0], table[0, -1]]], np.int64) if num_blocks > 1 else np.zeros((0, 2), np.int64)
+    numpy_attention.copy_blocks(*pools, copies, *scales)
+    gpu_attention.copy_blocks(*gpu_pools, to_device(copies), *gpu_scales)
+    for gpu_array, numpy_array in zip(gpu_pools + gpu_scales, pools + scales, strict=True):
+        np.testing.assert_array_equal(to_host(gpu_array), numpy_array)

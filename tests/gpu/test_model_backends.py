@@ -83,7 +83,8 @@ def run_engine(engine, requests) -> dict[str, list[list[int]]]:
     return done
 
 
-def test_engine_mixed_workload_matches_numpy(model_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "int8"])
+def test_engine_mixed_workload_matches_numpy(model_dir, kv_cache_dtype):
     """The engine unchanged on the GPU backend: chunked prefill beside decodes, a shared
     prefix (prefix-cache hits), n=2 samples (fork and copy-on-write) and a pool small
     enough to preempt give the same tokens as the NumPy engine."""
@@ -96,7 +97,8 @@ def test_engine_mixed_workload_matches_numpy(model_dir):
         ("c", [1, 50, 6], SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=4, ignore_eos=True)),
         ("d", list(range(2, 15)), SamplingParams(temperature=0.5, seed=1, max_tokens=3, ignore_eos=True)),
     ]
-    settings = {"block_size": 2, "num_blocks": 12, "max_num_seqs": 4, "max_num_batched_tokens": 6}
+    settings = {"block_size": 2, "num_blocks": 12, "max_num_seqs": 4, "max_num_batched_tokens": 6,
+                "kv_cache_dtype": kv_cache_dtype}
     engines = {backend: LLMEngine(model_dir, backend, **settings) for backend in ("numpy", "gpu")}
     results = {backend: run_engine(engine, requests) for backend, engine in engines.items()}
     assert results["gpu"] == results["numpy"]
