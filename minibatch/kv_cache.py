@@ -23,7 +23,6 @@ import numpy as np
 
 from minibatch.config import ModelConfig
 
-
 KV_CACHE_DTYPES = ("float32", "int8")
 
 
