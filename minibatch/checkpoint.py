@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from minibatch.config import ModelConfig
+from minibatch.quant import (
+    PROJECTIONS,
+    SCHEMES,
+    QuantizedWeight,
+    check_quantized,
+    group_size_of,
+    quantization_of,
+    stored_layout,
+)
 
 if TYPE_CHECKING:
     from minibatch.model import ModelWeights
@@ -39,6 +48,8 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 _NUMPY_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items() if name != "BF16"}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+QUANTIZED_FORMAT = "minibatch-quant-v1"  # safetensors metadata "format" of a quantized checkpoint
+QUANTIZED_PARTS = ("qweight", "scales", "zeros")
 
 
 class CheckpointError(ValueError):
@@ -217,38 +228,96 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def layer_tensor_name(layer: int, field_name: str) -> str:
+    """The Hugging Face name of a :class:`~minibatch.model.LayerWeights` field, e.g.
+    ``model.layers.0.self_attn.q_proj.weight``."""
+    return f"model.layers.{layer}.{_LAYER_TENSORS[field_name]}"
+
+
+def quantized_part_name(weight_name: str, part: str) -> str:
+    """Where part ``qweight``/``scales``/``zeros`` of a quantized weight is stored: under the
+    module's name, as GPTQ and AWQ checkpoints do (``...q_proj.weight`` -> ``...q_proj.scales``)."""
+    return f"{weight_name.removesuffix('.weight')}.{part}"
+
+
+def stored_quantization(model_dir: str | Path) -> str | None:
+    """The scheme a checkpoint was quantized with by minibatch, or None for a float checkpoint.
+
+    Read from the safetensors metadata (``{"format": "minibatch-quant-v1", "quantization":
+    scheme}``) and checked against config.json's ``quantization_config``. Raises
+    :class:`CheckpointError` for another tool's quantization (GPTQ, AWQ, ...), an unknown
+    scheme, or files that disagree.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    declared = (json.loads(config_path.read_text()) if config_path.is_file() else {}).get("quantization_config")
+    method = (declared or {}).get("quant_method")
+    if method not in (None, "minibatch"):
+        raise CheckpointError(f"{model_dir} holds weights quantized with '{method}', which minibatch cannot load: "
+                              "use the float checkpoint (and quantization=... to quantize it at load)")
+    found = set()
+    for path in checkpoint_files(model_dir):
+        metadata = read_safetensors_metadata(path)
+        found.add(metadata.get("quantization") if metadata.get("format") == QUANTIZED_FORMAT else None)
+    if len(found) > 1:
+        raise CheckpointError(f"the safetensors files in {model_dir} disagree on their quantization ({found})")
+    scheme = found.pop() if found else None
+    if scheme is not None and scheme not in SCHEMES:
+        raise CheckpointError(f"{model_dir} is quantized as '{scheme}', which this minibatch does not know "
+                              f"(it knows {', '.join(SCHEMES)})")
+    if method == "minibatch" and declared.get("scheme") != scheme:
+        raise CheckpointError(f"{config_path} declares {declared.get('scheme')} weights but the safetensors "
+                              f"metadata says {scheme}: the checkpoint is corrupt; re-quantize it")
+    return scheme
+
+
 def load_weights(model_dir: str | Path, config: ModelConfig) -> ModelWeights:
     """Load a Hugging Face Llama-family checkpoint as float32 :class:`ModelWeights`.
 
-    Raises :class:`CheckpointError` naming the tensor and file when a tensor is missing,
-    unexpected, or has the wrong shape.
+    A checkpoint written by minibatch with quantized projections (see :func:`save_model`)
+    loads its projections as :class:`~minibatch.quant.QuantizedWeight` and everything
+    else as float32. Raises :class:`CheckpointError` naming the tensor and file when a
+    tensor (or a part of a quantized one) is missing, unexpected, or has the wrong shape,
+    and when quantization scales are impossible (a corrupt file).
     """
     from minibatch.model import LayerWeights, ModelWeights
 
     tensors = read_checkpoint(model_dir)
+    scheme = stored_quantization(model_dir)
     expected = expected_shapes(config)
+    quantized = {layer_tensor_name(layer, name) for layer in range(config.num_layers) for name in PROJECTIONS
+                 } if scheme else set()
+    expected_names = set(expected) - quantized
+    for name in quantized:
+        expected_names |= {quantized_part_name(name, part) for part in _layout(scheme, name, expected[name])}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
     for name in [n for n in tensors if n.endswith(_IGNORED_SUFFIXES)]:
         del tensors[name]
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - expected_names)
     if unexpected:
         _, _, path = tensors[unexpected[0]]
         raise CheckpointError(f"unexpected tensor '{unexpected[0]}' in {path} "
                               f"({len(unexpected)} unexpected in all): does config.json match these weights?")
 
-    def get(name: str) -> np.ndarray:
+    def stored(name: str, shape: tuple[int, ...]) -> tuple[str, np.ndarray, Path]:
         if name not in tensors:
             raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {model_dir}")
         dtype_name, array, path = tensors[name]
-        if tuple(array.shape) != expected[name]:
+        if tuple(array.shape) != shape:
             raise CheckpointError(f"tensor '{name}' in {path} has shape {list(array.shape)}, "
-                                  f"config.json implies {list(expected[name])}")
+                                  f"config.json implies {list(shape)}")
+        return dtype_name, array, path
+
+    def get(name: str) -> np.ndarray | QuantizedWeight:
+        if name in quantized:
+            return _load_quantized(scheme, name, expected[name], stored)
+        dtype_name, array, _ = stored(name, expected[name])
         return to_float32(dtype_name, array)
 
     layers = []
     for layer in range(config.num_layers):
-        fields = {f: get(f"model.layers.{layer}.{hf}") for f, hf in _LAYER_TENSORS.items()
+        fields = {f: get(layer_tensor_name(layer, f)) for f in _LAYER_TENSORS
                   if f not in _BIASES or config.attention_bias}
         layers.append(LayerWeights(**fields))
     embed = get("model.embed_tokens.weight")
@@ -256,34 +325,79 @@ def load_weights(model_dir: str | Path, config: ModelConfig) -> ModelWeights:
     return ModelWeights(embed_tokens=embed, layers=layers, final_norm=get("model.norm.weight"), lm_head=lm_head)
 
 
+def _layout(scheme: str, name: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple, np.dtype]]:
+    try:
+        return stored_layout(scheme, shape, name)
+    except ValueError as error:
+        raise CheckpointError(f"this {scheme} checkpoint cannot hold '{name}': {error}") from None
+
+
+def _load_quantized(scheme: str, name: str, shape: tuple[int, ...],
+                    stored: Callable[[str, tuple], tuple[str, np.ndarray, Path]]) -> QuantizedWeight:
+    """Assemble one quantized weight from its stored parts, checking each part's shape and dtype."""
+    parts = {}
+    for part, (part_shape, dtype) in _layout(scheme, name, shape).items():
+        dtype_name, array, path = stored(quantized_part_name(name, part), part_shape)
+        if array.dtype != dtype:
+            raise CheckpointError(f"tensor '{quantized_part_name(name, part)}' in {path} is {dtype_name}; "
+                                  f"{scheme} stores its {part} as {dtype}: the checkpoint is corrupt; re-quantize it")
+        parts[part] = array
+    weight = QuantizedWeight(scheme, shape, **parts, group_size=group_size_of(scheme, shape[1]))
+    try:
+        check_quantized(weight, name)
+    except ValueError as error:
+        raise CheckpointError(f"{error} (in {path})") from None
+    return weight
+
+
 def weights_to_tensors(weights: ModelWeights, tie_word_embeddings: bool) -> dict[str, np.ndarray]:
-    """Flatten :class:`ModelWeights` into Hugging Face tensor names."""
+    """Flatten :class:`ModelWeights` into Hugging Face tensor names; a quantized weight
+    becomes its parts (see :func:`quantized_part_name`)."""
     tensors = {"model.embed_tokens.weight": weights.embed_tokens}
     for layer, w in enumerate(weights.layers):
-        for field_name, hf_name in _LAYER_TENSORS.items():
+        for field_name in _LAYER_TENSORS:
             tensor = getattr(w, field_name)
             if tensor is not None:
-                tensors[f"model.layers.{layer}.{hf_name}"] = tensor
+                tensors[layer_tensor_name(layer, field_name)] = tensor
     tensors["model.norm.weight"] = weights.final_norm
     if not tie_word_embeddings:
         tensors["lm_head.weight"] = weights.lm_head
-    return tensors
+    flat: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, QuantizedWeight):
+            flat.update({quantized_part_name(name, part): array for part, array in tensor.parts().items()})
+        else:
+            flat[name] = tensor
+    return flat
 
 
 def save_model(model_dir: str | Path, raw_config: Mapping[str, object], weights: ModelWeights,
                dtype: str = "float32", metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (float32, float16 or bfloat16)."""
+    """Write ``config.json`` and ``model.safetensors`` (float32, float16 or bfloat16).
+
+    Quantized projections (:func:`~minibatch.quant.quantize_model`) are stored as their
+    integer and float32 parts, whatever ``dtype`` says for the float tensors; the file's
+    metadata then says ``{"format": "minibatch-quant-v1", "quantization": scheme}`` and
+    config.json gets ``"quantization_config": {"quant_method": "minibatch", "scheme": ...}``.
+    """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     config = dict(raw_config)
     config["torch_dtype"] = dtype
+    scheme = quantization_of(weights)
+    config.pop("quantization_config", None)
+    file_metadata = {"format": "pt", **(metadata or {})}
+    if scheme is not None:
+        config["quantization_config"] = {"quant_method": "minibatch", "scheme": scheme}
+        file_metadata.update(format=QUANTIZED_FORMAT, quantization=scheme)
     tensors = weights_to_tensors(weights, bool(config.get("tie_word_embeddings", False)))
+    floats = {name for name in tensors if not name.endswith(QUANTIZED_PARTS)}
     if dtype == "bfloat16":
-        tensors = {name: f32_to_bf16(np.asarray(t)) for name, t in tensors.items()}
+        tensors = {name: f32_to_bf16(np.asarray(t)) if name in floats else t for name, t in tensors.items()}
     elif dtype in ("float32", "float16"):
-        tensors = {name: np.asarray(t, dtype=dtype) for name, t in tensors.items()}
+        tensors = {name: np.asarray(t, dtype=dtype) if name in floats else t for name, t in tensors.items()}
     else:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    bf16 = frozenset(tensors) if dtype == "bfloat16" else frozenset()
-    write_safetensors(model_dir / SINGLE_FILE, tensors, {"format": "pt", **(metadata or {})}, bf16=bf16)
+    bf16 = frozenset(floats) if dtype == "bfloat16" else frozenset()
+    write_safetensors(model_dir / SINGLE_FILE, tensors, file_metadata, bf16=bf16)

@@ -1,4 +1,4 @@
-"""Command line: ``minibatch generate``, ``minibatch info``, ``minibatch download``.
+"""Command line: ``minibatch generate``, ``minibatch info``, ``minibatch quantize``, ``minibatch download``.
 
 Bad input (a missing model, a malformed checkpoint, a prompt longer than the context)
 prints one line saying what is wrong and exits non-zero, with no traceback.
@@ -7,10 +7,18 @@ prints one line saying what is wrong and exits non-zero, with no traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from minibatch.backend import BACKENDS
+from minibatch.quant import SCHEMES
+
+# copied next to the quantized weights by `minibatch quantize`
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a model: architecture, parameters, memory")
     info.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
 
+    quantize = commands.add_parser("quantize", help="write a copy of a checkpoint with quantized projections")
+    quantize.add_argument("--scheme", required=True, help=f"one of {', '.join(SCHEMES)}")
+    quantize.add_argument("in_dir", help="float checkpoint directory")
+    quantize.add_argument("out_dir", help="new directory for the quantized checkpoint (must not exist or be empty)")
+
     download = commands.add_parser("download", help="fetch a checkpoint by Hugging Face repo id (needs the "
                                    "'hf' extra and network access)")
     download.add_argument("repo_id", help="e.g. HuggingFaceTB/SmolLM2-135M")
@@ -42,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": run_generate, "info": run_info, "download": run_download}[args.command](args)
+        commands = {"generate": run_generate, "info": run_info, "quantize": run_quantize, "download": run_download}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
         print(f"minibatch: error: {error}", file=sys.stderr)
         return 1
@@ -85,10 +99,16 @@ def run_info(args: argparse.Namespace) -> int:
     from minibatch.config import ModelConfig
     from minibatch.kv_cache import kv_bytes_per_token
     from minibatch.llm import resolve_model_dir
+    from minibatch.quant import projection_sizes, quantization_of
 
     model_dir = resolve_model_dir(args.model)
     config = ModelConfig.from_dir(model_dir)
     weights = load_weights(model_dir, config)
+    scheme = quantization_of(weights)
+    num_projection_weights, projection_bytes = projection_sizes(weights)
+    quantization = "none (float32)" if scheme is None else \
+        f"{scheme}: projections at {8 * projection_bytes / num_projection_weights:.4g} bits per weight, " \
+        "embeddings, norms and lm_head float32"
     rows = [
         ("model", str(model_dir)),
         ("architecture", config.architecture),
@@ -101,13 +121,54 @@ def run_info(args: argparse.Namespace) -> int:
         ("tied embeddings", config.tie_word_embeddings),
         ("parameters", f"{config.num_parameters:,}"),
         ("stored dtype", config.torch_dtype),
-        ("weights in memory (float32)", _mib(weights.num_bytes)),
+        ("quantization", quantization),
+        ("weights in memory", _mib(weights.num_bytes)),
         ("KV cache per token (float32)", f"{kv_bytes_per_token(config):,} bytes"),
         ("KV cache, one full context", _mib(kv_bytes_per_token(config) * config.max_model_len)),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize IN_DIR's projections into OUT_DIR, which appears whole or not at all."""
+    from minibatch.checkpoint import load_weights, save_model
+    from minibatch.config import ModelConfig
+    from minibatch.quant import check_scheme, projection_sizes, quantize_model
+
+    check_scheme(args.scheme)
+    in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"model directory '{in_dir}' does not exist")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir} already exists and is not an empty directory: choose a new output directory")
+    config = ModelConfig.from_dir(in_dir)
+    weights = load_weights(in_dir, config)
+    quantized = quantize_model(weights, args.scheme)  # every shape error surfaces before anything is written
+    raw_config = json.loads((in_dir / "config.json").read_text())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        save_model(staging, raw_config, quantized)
+        for name in TOKENIZER_FILES:
+            if (in_dir / name).is_file():
+                shutil.copy2(in_dir / name, staging / name)
+        staging.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    count, before = projection_sizes(weights)
+    _, after = projection_sizes(quantized)
+    print(f"quantized {len(weights.layers) * 7} projections ({count:,} weights) to {args.scheme}: "
+          f"{before:,} -> {after:,} bytes, {8 * before / count:g} -> {8 * after / count:.4g} bits per weight")
+    print(f"all weights in memory: {_mib(weights.num_bytes)} -> {_mib(quantized.num_bytes)} "
+          "(embeddings, norms and lm_head stay float32)")
+    print(f"wrote {out_dir}")
     return 0
 
 

@@ -21,8 +21,9 @@ from minibatch.checkpoint import load_weights
 from minibatch.config import ModelConfig
 from minibatch.kv_cache import PagedKVCache, kv_bytes_per_token
 from minibatch.metrics import EventLog, RequestRecord, StepRecord
-from minibatch.model import ForwardBatch, ModelRunner
+from minibatch.model import ForwardBatch, ModelRunner, ModelWeights
 from minibatch.outputs import CompletionOutput, RequestMetrics, RequestOutput, TextTracker
+from minibatch.quant import check_scheme, quantization_of, quantize_model
 from minibatch.sampling import SamplingParams, make_generator, sample_token, top_logprobs
 from minibatch.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus, get_policy
 from minibatch.tokenizer import Tokenizer, load_tokenizer
@@ -89,21 +90,39 @@ class LLMEngine:
     ``add_request`` validates and queues, ``step`` runs one batched forward and returns
     the outputs of the requests that advanced, ``abort_request`` ends a request and frees
     its blocks at once. ``log`` holds per-step and per-request metrics.
+
+    ``quantization`` (one of :data:`minibatch.quant.SCHEMES`) quantizes the float
+    checkpoint's projections at load; a checkpoint saved quantized loads as it is, and
+    ``quantization`` must then be left out. ``self.quantization`` says which scheme runs.
     """
 
     def __init__(self, model: str | Path | None = None, backend: str = "numpy",
-                 engine_config: EngineConfig | None = None, **overrides: Any):
+                 engine_config: EngineConfig | None = None, quantization: str | None = None, **overrides: Any):
         from minibatch.llm import resolve_model_dir
 
         self.engine_config = engine_config or EngineConfig(**overrides)
+        if quantization is not None:
+            check_scheme(quantization)  # fail before reading any weights
         self.model_dir = resolve_model_dir(model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer: Tokenizer = load_tokenizer(self.model_dir, self.config.bos_token_id,
                                                    self.config.eos_token_ids, self.config.vocab_size)
-        self.runner = ModelRunner(self.config, load_weights(self.model_dir, self.config), get_backend(backend),
-                                  self.engine_config.kv_cache_dtype)
+        weights = self._load_weights(quantization)
+        self.quantization = quantization_of(weights)
+        self.runner = ModelRunner(self.config, weights, get_backend(backend), self.engine_config.kv_cache_dtype)
         get_policy(self.engine_config.policy)  # fail early on a bad name
         self.reset()
+
+    def _load_weights(self, quantization: str | None) -> ModelWeights:
+        """The checkpoint's weights, quantized with ``quantization`` if one is asked for."""
+        weights = load_weights(self.model_dir, self.config)
+        if quantization is None:
+            return weights
+        stored = quantization_of(weights)
+        if stored is not None:
+            raise ValueError(f"{self.model_dir} is already quantized ({stored}): load it without quantization=, "
+                             "or quantize its float checkpoint instead")
+        return quantize_model(weights, quantization)
 
     def reset(self) -> None:
         """A fresh, empty KV cache, scheduler and event log (the weights stay loaded)."""

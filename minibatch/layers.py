@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from minibatch.config import ModelConfig
+from minibatch.quant import QuantizedWeight, quantized_matmul
 
 
 def embedding(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
@@ -29,12 +30,16 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(variance + eps) * weight  # [N, H]
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray | QuantizedWeight, bias: np.ndarray | None = None) -> np.ndarray:
     """``x @ weight.T + bias`` with the weight stored as Hugging Face does, ``[out, in]``.
 
-    ``[N, in], [out, in], [out] -> [N, out]``.
+    ``[N, in], [out, in], [out] -> [N, out]``. A quantized weight is multiplied by
+    :func:`~minibatch.quant.quantized_matmul`, which dequantizes it group by group.
     """
-    y = x @ weight.T  # [N, out]
+    if isinstance(weight, QuantizedWeight):
+        y = quantized_matmul(x, weight)  # [N, out]
+    else:
+        y = x @ weight.T  # [N, out]
     return y if bias is None else y + bias
 
 

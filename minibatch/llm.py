@@ -40,14 +40,18 @@ class LLM:
     """Load a model and generate from it.
 
     ``model`` is a Hugging Face checkpoint directory (Llama, Mistral, Qwen2, SmolLM) or
-    None for the embedded tiny model; ``backend`` is ``"numpy"`` or ``"gpu"``. Other
+    None for the embedded tiny model; ``backend`` is ``"numpy"`` or ``"gpu"``;
+    ``quantization`` quantizes the weights at load (``"int8"``, ``"int4-g32"``,
+    ``"int4-g64"``, ``"int4-g128"``, ``"q8_0"``, ``"q4_0"``; see :mod:`minibatch.quant`).
+    A checkpoint saved quantized (``minibatch quantize``) loads as it is. Other
     keyword arguments configure the engine (see :class:`~minibatch.engine.EngineConfig`:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``kv_cache_memory``,
     ``num_blocks``, ``policy``, ``enable_prefix_caching``).
     """
 
-    def __init__(self, model: str | Path | None = None, backend: str = "numpy", **engine_args: Any):
-        self.engine = LLMEngine(model, backend, **engine_args)
+    def __init__(self, model: str | Path | None = None, backend: str = "numpy", quantization: str | None = None,
+                 **engine_args: Any):
+        self.engine = LLMEngine(model, backend, quantization=quantization, **engine_args)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self.runner = self.engine.runner

@@ -22,6 +22,7 @@ from minibatch.backend import Backend, numpy_backend
 from minibatch.config import ModelConfig
 from minibatch.kv_cache import KVStorage
 from minibatch.layers import rope_inverse_frequencies
+from minibatch.quant import QuantizedWeight
 
 # ---------------------------------------------------------------------------- weights
 
@@ -54,7 +55,10 @@ class ModelWeights:
     lm_head: Any  # [V, H]
 
     def map(self, fn: Any) -> ModelWeights:
-        """A copy with ``fn`` applied to every tensor (e.g. to move it to a device)."""
+        """A copy with ``fn`` applied to every tensor (e.g. to move it to a device).
+
+        A :class:`~minibatch.quant.QuantizedWeight` is passed to ``fn`` whole.
+        """
         moved: dict[int, Any] = {}
 
         def once(tensor: Any) -> Any:  # tied tensors stay one tensor
@@ -71,7 +75,8 @@ class ModelWeights:
 
     @property
     def num_bytes(self) -> int:
-        """Bytes held by the weights, counting a tied tensor once."""
+        """Bytes held by the weights, counting a tied tensor once (a quantized weight: its
+        integers, scales and zero points)."""
         seen: dict[int, int] = {}
         self.map(lambda t: seen.setdefault(id(t), int(t.nbytes)))
         return sum(seen.values())
@@ -174,6 +179,14 @@ def forward(ops: Backend, config: ModelConfig, weights: ModelWeights, batch: For
     return ops.linear(x, weights.lm_head)  # [L, V]
 
 
+def to_backend(backend: Backend, tensor: Any) -> Any:
+    """A host weight on ``backend``: float32, except that a quantized weight's arrays move
+    as they are (packed integers stay packed integers)."""
+    if isinstance(tensor, QuantizedWeight):
+        return tensor.map_arrays(backend.asarray)
+    return backend.asarray(tensor, dtype=np.float32)
+
+
 class ModelRunner:
     """Holds a model's weights and KV storage on one backend and runs forward batches.
 
@@ -186,7 +199,7 @@ class ModelRunner:
         self.config = config
         self.kv_cache_dtype = kv_cache_dtype
         self.backend = backend or numpy_backend()
-        self.weights = weights.map(lambda t: self.backend.asarray(t, dtype=np.float32))
+        self.weights = weights.map(lambda t: to_backend(self.backend, t))
         self.inv_freq = self.backend.asarray(rope_inverse_frequencies(config))
         self.kv: KVStorage | None = None
 
