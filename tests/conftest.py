@@ -20,8 +20,8 @@ import sys
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
-import pytest
-from hypothesis import HealthCheck, settings
+import pytest  # noqa: E402  (after the BLAS settings above)
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # ------------------------------------------------------- GPU backend: simulator or device
 
