@@ -18,6 +18,7 @@ from typing import Any
 
 from numba import cuda, float32
 
+from minibatch.quant import QuantizedWeight
 from minibatch_gpu.device import (
     as_float32,
     as_index,
@@ -27,6 +28,7 @@ from minibatch_gpu.device import (
     threads_per_block,
     xp,
 )
+from minibatch_gpu.quant import quantized_matmul
 
 NORM_THREADS = 256  # threads per row in rms_norm on a device; a power of two for the tree sum
 ELEMENTWISE_THREADS = 256
@@ -124,18 +126,23 @@ def rms_norm(x: Any, weight: Any, eps: float) -> Any:
     return out.reshape(x.shape)
 
 
-def linear(x: Any, weight: Any, bias: Any | None = None) -> Any:
+def linear(x: Any, weight: Any | QuantizedWeight, bias: Any | None = None) -> Any:
     """``x @ weight.T + bias`` with the weight stored as Hugging Face does, ``[out, in]``.
 
     ``[N, in], [out, in], [out] -> [N, out]``. Twin of ``minibatch.layers.linear``; the
-    matmul is the array module's (cuBLAS on a device).
+    matmul is the array module's (cuBLAS on a device), or for a
+    :class:`~minibatch.quant.QuantizedWeight` the fused dequantize-and-multiply kernels of
+    :func:`minibatch_gpu.quant.quantized_matmul`.
     """
     check_array("x", x)
-    check_array("weight", weight, ndim=2)
-    if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: x's last dimension must match weight [out, in] = {tuple(weight.shape)}, "
-                         f"got x {tuple(x.shape)}")
-    y = as_float32(x) @ as_float32(weight).T  # [N, out]
+    if isinstance(weight, QuantizedWeight):
+        y = quantized_matmul(x, weight)  # [N, out]
+    else:
+        check_array("weight", weight, ndim=2)
+        if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: x's last dimension must match weight [out, in] = {tuple(weight.shape)}, "
+                             f"got x {tuple(x.shape)}")
+        y = as_float32(x) @ as_float32(weight).T  # [N, out]
     if bias is None:
         return y
     check_array("bias", bias, ndim=1)

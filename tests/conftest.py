@@ -72,3 +72,38 @@ settings.register_profile("ci", deadline=None, max_examples=25, suppress_health_
 settings.register_profile("deep", deadline=None, max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 # --hypothesis-profile, when given, is loaded after this by hypothesis's pytest plugin and wins.
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _serialised_simulator_shared_arrays():
+    """Work around a race in Numba's CUDA simulator for the whole session.
+
+    ``FakeCUDAShared.array`` gives a block's threads one array per kernel line with an
+    unlocked check-then-insert, so now and then two threads get different arrays and a
+    kernel reads uninitialised memory (about one launch in 400 on two loaded cores). The
+    same lookup, under a lock; nothing changes on a real GPU.
+    """
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        yield
+        return
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared, numpy_support, types
+
+    original, lock = FakeCUDAShared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer, no lookup), or an error
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)  # the kernel line, as the original keys it
+        with lock:
+            if key not in self._allocations:
+                numpy_dtype = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                self._allocations[key] = np.empty(shape, numpy_dtype)
+            return self._allocations[key]
+
+    FakeCUDAShared.array = array
+    yield
+    FakeCUDAShared.array = original
