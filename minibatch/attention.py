@@ -113,13 +113,21 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    max_blocks = -(-int(np.max(context_lens)) // block_size)
+    max_context = int(np.max(context_lens))
+    max_blocks = -(-max_context // block_size)
     tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding, masked below)
-    k, v = k_cache[tables], v_cache[tables]  # [S, B, block_size, Hkv, D]
-    if k_scale is not None:  # int8 cache: dequantize what was gathered
-        k, v = k * k_scale[tables][..., None], v * v_scale[tables][..., None]
-    k = k.reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
-    v = v.reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    # gather only the first max_context slots: with one big block per sequence (a
+    # contiguous cache) copying whole rows would cost far more than the attention
+    k = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim) if max_blocks > 1 else \
+        k_cache[tables[:, 0], :max_context]  # [S, L, Hkv, D]
+    v = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim) if max_blocks > 1 else \
+        v_cache[tables[:, 0], :max_context]  # [S, L, Hkv, D]
+    if k_scale is not None:  # int8 cache: dequantize what was gathered, one scale per token and head
+        k_scales = k_scale[tables].reshape(num_seqs, -1, num_kv_heads) if max_blocks > 1 else \
+            k_scale[tables[:, 0], :max_context]
+        v_scales = v_scale[tables].reshape(num_seqs, -1, num_kv_heads) if max_blocks > 1 else \
+            v_scale[tables[:, 0], :max_context]
+        k, v = k * k_scales[..., None], v * v_scales[..., None]
     q = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
     scores = q @ k.transpose(0, 2, 3, 1) * scale  # [S, Hkv, G, L]
     padding = np.arange(k.shape[1])[None, :] >= np.asarray(context_lens)[:, None]  # [S, L]

@@ -1,0 +1,185 @@
+"""The serving benchmark's workload generator and runner (fast; no timed assertions).
+
+The benchmark scripts live in ``benchmarks/`` (not a package; they run as scripts), so
+this module puts that directory on ``sys.path`` to import them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import FIXTURES
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import serving  # noqa: E402
+from workload import TOKEN_HIGH, TOKEN_LOW, LengthDistribution, Workload  # noqa: E402
+
+MODEL = FIXTURES / "llama_gqa"
+
+
+# ------------------------------------------------------------------------------ workload
+
+
+def test_workload_is_deterministic_given_the_seed():
+    workload = Workload(num_requests=20, arrival="poisson", rate=5.0, shared_prefix_fraction=0.5)
+    assert workload.generate() == workload.generate()
+    other = Workload(num_requests=20, arrival="poisson", rate=5.0, shared_prefix_fraction=0.5, seed=1)
+    assert other.generate() != workload.generate()
+
+
+def test_the_arrival_process_does_not_change_the_prompts():
+    offline = Workload(num_requests=10, arrival="offline").generate()
+    poisson = Workload(num_requests=10, arrival="poisson", rate=3.0).generate()
+    assert [(r.prompt_token_ids, r.max_tokens) for r in offline] == [(r.prompt_token_ids, r.max_tokens)
+                                                                     for r in poisson]
+
+
+@pytest.mark.parametrize("kind", ["fixed", "uniform", "lognormal"])
+def test_lengths_stay_within_their_bounds(kind):
+    lengths = LengthDistribution(kind, 5, 300).sample(np.random.default_rng(0), 2000)
+    assert lengths.min() >= 5 and lengths.max() <= 300
+    if kind == "fixed":
+        assert set(lengths.tolist()) == {300}
+    else:
+        assert len(set(lengths.tolist())) > 50  # varied lengths are the point
+
+
+def test_lognormal_lengths_are_long_tailed_around_the_geometric_mean():
+    lengths = LengthDistribution("lognormal", 16, 1024).sample(np.random.default_rng(0), 4000)
+    assert abs(np.log(np.median(lengths)) - np.log(128)) < 0.15  # median near sqrt(16 * 1024)
+    assert lengths.mean() > np.median(lengths)  # a right tail
+
+
+def test_requests_respect_token_range_lengths_and_shared_prefix():
+    workload = Workload(num_requests=40, input_len=LengthDistribution("uniform", 10, 20),
+                        output_len=LengthDistribution("uniform", 3, 9), shared_prefix_fraction=0.25,
+                        shared_prefix_len=12)
+    requests = workload.generate()
+    assert len({r.request_id for r in requests}) == 40
+    for request in requests:
+        assert all(TOKEN_LOW <= t <= TOKEN_HIGH for t in request.prompt_token_ids)
+        assert 3 <= request.max_tokens <= 9
+        assert 10 <= len(request.prompt_token_ids) <= 20 + 12
+    prefix_counts = {}
+    for request in requests:
+        key = tuple(request.prompt_token_ids[:12])
+        prefix_counts[key] = prefix_counts.get(key, 0) + 1
+    assert max(prefix_counts.values()) == 10  # 25% of 40 share the prefix
+    assert max(len(r.prompt_token_ids) for r in requests) <= workload.max_prompt_len
+
+
+def test_arrivals_offline_at_zero_poisson_with_the_given_rate():
+    assert {r.arrival_time for r in Workload(num_requests=8).generate()} == {0.0}
+    arrivals = np.array([r.arrival_time for r in Workload(num_requests=3000, arrival="poisson",
+                                                          rate=10.0).generate()])
+    assert arrivals[0] == 0.0 and np.all(np.diff(arrivals) >= 0)
+    assert math.isclose(np.diff(arrivals).mean(), 0.1, rel_tol=0.1)
+
+
+@pytest.mark.parametrize("kwargs", [{"num_requests": 0}, {"arrival": "bursty"}, {"arrival": "poisson", "rate": 0},
+                                    {"shared_prefix_fraction": 1.5}])
+def test_bad_workloads_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        Workload(**kwargs)
+
+
+def test_bad_length_distributions_are_rejected():
+    with pytest.raises(ValueError, match="low <= high"):
+        LengthDistribution("uniform", 10, 5)
+    with pytest.raises(ValueError, match="unknown length distribution"):
+        LengthDistribution("zipf", 1, 5)
+
+
+# -------------------------------------------------------------------------------- runner
+
+
+def quick_workload(**overrides) -> Workload:
+    settings = {"num_requests": 10, "input_len": LengthDistribution("uniform", 8, 40),
+                "output_len": LengthDistribution("lognormal", 2, 64), "seed": 3, **overrides}
+    return Workload(**settings)
+
+
+@pytest.fixture(scope="module")
+def quick_run():
+    requests = quick_workload().generate()
+    setup = serving.setup_for(requests, max_num_seqs=4, max_num_batched_tokens=32, block_size=8)
+    results = serving.compare_systems(MODEL, "numpy", requests, setup)
+    bound = serving.run_memory_bound(MODEL, "numpy", requests, setup)
+    return requests, setup, results, bound
+
+
+def test_every_system_finishes_every_request_with_exactly_max_tokens(quick_run):
+    requests, _, results, _ = quick_run
+    for result in results.values():
+        assert {r.request_id: len(result.outputs[r.request_id]) for r in requests} == \
+            {r.request_id: r.max_tokens for r in requests}
+        summary = serving.summarize(result, requests)
+        assert summary["completed"]
+        assert summary["output_tokens"] == sum(r.max_tokens for r in requests)
+        assert summary["output_tokens_per_s"] > 0 and summary["requests_per_s"] > 0
+        assert 0 < summary["ttft_p50_s"] <= summary["ttft_p99_s"]
+        assert 0 < summary["kv_utilisation_mean"] <= 1 and 0 < summary["kv_live_fraction_mean"] <= 1
+
+
+def test_all_systems_generate_the_same_greedy_tokens(quick_run):
+    requests, _, results, _ = quick_run
+    reference = results[serving.CHUNKED].outputs
+    for result in results.values():
+        same = sum(result.outputs[r.request_id] == reference[r.request_id] for r in requests)
+        assert same >= len(requests) - 1  # a near-tie may flip one request in float32
+
+
+def test_continuous_batching_needs_fewer_steps_than_static(quick_run):
+    _, _, results, _ = quick_run
+    static = len(results[serving.STATIC].log.steps)
+    assert len(results[serving.PREFILL_FIRST].log.steps) < static
+    assert len(results[serving.CHUNKED].log.steps) < static
+    padding = serving.summarize(results[serving.STATIC], quick_run[0])["padding_tokens_computed"]
+    assert padding > 0  # the varied output lengths made finished rows wait
+
+
+def test_static_steps_are_one_prefill_then_the_longest_output_per_batch(quick_run):
+    requests, setup, results, _ = quick_run
+    batches = [requests[i:i + setup.max_num_seqs] for i in range(0, len(requests), setup.max_num_seqs)]
+    assert len(results[serving.STATIC].log.steps) == sum(max(r.max_tokens for r in b) for b in batches)
+
+
+def test_paged_memory_wastes_less_and_fits_more_than_contiguous_rows(quick_run):
+    requests, setup, results, bound = quick_run
+    config = serving.check_model(MODEL, quick_workload())
+    memory = serving.memory_report(setup, config, results[serving.STATIC], results[serving.CHUNKED], bound,
+                                   requests)
+    assert 0 <= memory["paged_waste"] < memory["contiguous_waste_same_schedule"] < 1
+    assert memory["paged_waste"] < memory["contiguous_waste_static_run"]
+    assert memory["paged_seqs_fit_peak_measured"] > memory["contiguous_seqs_fit"] == setup.max_num_seqs
+
+
+def test_poisson_replay_adds_requests_when_they_arrive():
+    requests = quick_workload(num_requests=5, arrival="poisson", rate=200.0).generate()
+    setup = serving.setup_for(requests, max_num_seqs=4, max_num_batched_tokens=32, block_size=8)
+    result = serving.run_engine(MODEL, "numpy", requests, setup, "fcfs", serving.CHUNKED)
+    for request in requests:
+        record = result.log.requests[request.request_id]
+        assert record.arrival_time == pytest.approx(result.start + request.arrival_time)
+        assert record.ttft > 0 and len(record.token_times) == request.max_tokens
+
+
+def test_quick_cli_writes_a_sane_report(tmp_path):
+    report = serving.main(["--model", str(MODEL), "--quick", "--skip-135m", "--no-plots", "--num-requests", "6",
+                           "--max-num-seqs", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "serving.json").read_text())
+    assert saved["systems"].keys() == {serving.STATIC, serving.PREFILL_FIRST, serving.CHUNKED}
+    assert all(s["completed"] for s in saved["systems"].values())
+    assert saved["ratios_to_static"][serving.STATIC]["output_tokens_per_s"] == 1.0
+    assert report["decode_scaling"] is None
+
+
+def test_a_workload_too_long_for_the_model_is_refused():
+    with pytest.raises(SystemExit, match="exceeds the model's context"):
+        serving.check_model(MODEL, quick_workload(output_len=LengthDistribution("fixed", 1, 300)))
