@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the embedded tiny model)")
     generate.add_argument("--backend", choices=BACKENDS, default="numpy")
     generate.add_argument("--max-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--seed", type=int, default=None)

@@ -147,7 +147,7 @@ class LLMEngine:
         text, ids = self.encode_prompt(prompt)
         self._check_fits(len(ids), params)
         now = time.perf_counter() if arrival_time is None else arrival_time
-        sequence = self._new_sequence(request_id, ids, len(ids), params, now, 0, priority)
+        sequence = self._new_sequence(request_id, list(ids), len(ids), params, now, 0, priority)
         record = RequestRecord(request_id, now, len(ids))
         self.requests[request_id] = RequestState(request_id, text, ids, params, [sequence],
                                                  [TextTracker(self.tokenizer, params, ids)],

@@ -111,3 +111,8 @@ def test_missing_model_directory():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         LLM(FIXTURES / "llama_gqa", backend="tpu")
+
+
+def test_prompt_token_ids_are_not_extended_by_generation(llm):
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY)[0]
+    assert out.prompt_token_ids == [5, 6, 7] and len(out.token_ids) == 8
