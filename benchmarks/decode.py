@@ -38,7 +38,7 @@ from minibatch.model import ForwardBatch, ModelRunner, ModelWeights
 
 RESULTS = Path(__file__).parent / "results"
 SMOLLM2_135M_SHAPE = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
     "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
     "tie_word_embeddings": True, "max_position_embeddings": 8192, "rope_theta": 100000.0,
     "rms_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 0,
