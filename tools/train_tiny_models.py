@@ -26,6 +26,9 @@ Useful extras:
 * ``--models`` with no names skips training and only re-evaluates the
   checkpoints in ``--out`` and rewrites ``eval.json`` and ``README.md``;
   ``--cards-only`` just re-renders ``README.md`` from the existing files.
+* ``--continue-training`` starts from the models already exported in
+  ``--out`` and trains a further stage (fresh optimizer and schedule); the
+  training log and model card then list every stage.
 
 Training state is checkpointed to ``--work-dir`` every ``--ckpt-every`` steps
 and resumed from there automatically when the step count matches.
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 from stdlib_corpus import BOS_ID, EOS_ID, VOCAB_SIZE, CorpusSplit, load_corpus
 from transformers import LlamaConfig, LlamaForCausalLM
 
-PROMPTS = ["def fibonacci(n):\n", "import os\n\n", "class Stack:\n", "    def __init__(self"]
+PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef ", "class Stack:\n    def ", "    for i in range("]
 HELDOUT_SAMPLE_BYTES = 32 * 1024
 
 
@@ -186,7 +189,11 @@ def save_checkpoint(path: Path, model, optimizer, step: int, log: dict, rng) -> 
 
 
 def train_model(
-    spec: ModelSpec, cfg: TrainConfig, tokens: np.ndarray, work_dir: Path, ckpt_every: int,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    tokens: np.ndarray,
+    work_dir: Path,
+    ckpt_every: int,
     init_from: Path | None = None,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Train one model, resuming from ``work_dir`` when possible. With ``init_from`` (an
@@ -252,16 +259,27 @@ def train_model(
 def merge_stages(prior: dict, log: dict) -> dict:
     """One training log for a model trained in stages: totals over all stages, each
     stage's config, and the loss curve numbered by total step."""
-    stages = prior.get("stages") or [{"train_config": prior["train_config"], "wall_time_s": prior["wall_time_s"],
-                                      "tokens_seen": prior["tokens_seen"]}]
-    stages = [*stages, {"train_config": log["train_config"], "wall_time_s": log["wall_time_s"],
-                        "tokens_seen": log["tokens_seen"]}]
+    stages = prior.get("stages") or [
+        {
+            "train_config": prior["train_config"],
+            "wall_time_s": prior["wall_time_s"],
+            "tokens_seen": prior["tokens_seen"],
+        }
+    ]
+    stages = [
+        *stages,
+        {"train_config": log["train_config"], "wall_time_s": log["wall_time_s"], "tokens_seen": log["tokens_seen"]},
+    ]
     offset = sum(stage["train_config"]["steps"] for stage in stages[:-1])
     points = prior["points"] + [{**point, "step": point["step"] + offset} for point in log["points"]]
-    return {**log, "stages": stages, "points": points,
-            "total_steps": offset + log["train_config"]["steps"],
-            "tokens_seen": sum(stage["tokens_seen"] for stage in stages),
-            "wall_time_s": round(sum(stage["wall_time_s"] for stage in stages), 1)}
+    return {
+        **log,
+        "stages": stages,
+        "points": points,
+        "total_steps": offset + log["train_config"]["steps"],
+        "tokens_seen": sum(stage["tokens_seen"] for stage in stages),
+        "wall_time_s": round(sum(stage["wall_time_s"] for stage in stages), 1),
+    }
 
 
 def export_model(model: LlamaForCausalLM, out_dir: Path, log: dict) -> None:
@@ -272,6 +290,7 @@ def export_model(model: LlamaForCausalLM, out_dir: Path, log: dict) -> None:
     half = half.half()
     half.config.dtype = torch.float16
     half.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "model.safetensors").chmod(0o644)  # the writer creates it private
     add_legacy_config_keys(out_dir / "config.json")
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
@@ -324,6 +343,21 @@ def load_exported(out_dir: Path) -> LlamaForCausalLM:
     return model.eval()
 
 
+def heldout_windows(tokens: np.ndarray, window: int, max_windows: int | None, batch_size: int) -> list[np.ndarray]:
+    """Cut a token stream into batches of overlapping-by-one windows.
+
+    Window ``k`` is ``tokens[k * window : (k + 1) * window + 1]``, so every
+    token after the first is a prediction target exactly once. The last window
+    may be shorter; it goes into a batch of its own.
+    """
+    starts = list(range(0, len(tokens) - 1, window))[:max_windows]
+    windows = [tokens[s : s + window + 1] for s in starts]
+    full = [w for w in windows if len(w) == window + 1]
+    batches = [np.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None, :] for w in windows if len(w) != window + 1]
+    return batches
+
+
 @torch.no_grad()
 def evaluate_pair(
     target: LlamaForCausalLM,
@@ -335,20 +369,15 @@ def evaluate_pair(
 ) -> dict:
     """Held-out bits per byte of both models and their top-1 agreement.
 
-    The held-out stream is cut into consecutive, non-overlapping windows of
-    ``window + 1`` tokens that share one token (stride ``window``), so each
-    token after the first is predicted exactly once, from a context of 1 to
-    ``window`` tokens. Only predictions whose target is a byte (id < 256)
-    are scored; BOS/EOS targets are excluded.
+    The held-out stream is cut into consecutive windows of ``window`` inputs
+    (see :func:`heldout_windows`), so each token after the first is predicted
+    exactly once, from a context of 1 to ``window`` tokens. Only predictions
+    whose target is a byte (id < 256) are scored; BOS/EOS targets are excluded.
     """
-    n_windows = (len(tokens) - 1) // window
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    starts = np.arange(n_windows) * window
+    batches = heldout_windows(tokens, window, max_windows, batch_size)
     nll = {"target": 0.0, "draft": 0.0}
     agree, scored = 0, 0
-    for i in range(0, n_windows, batch_size):
-        chunk = np.stack([tokens[s : s + window + 1] for s in starts[i : i + batch_size]])
+    for chunk in batches:
         batch = torch.from_numpy(chunk.astype(np.int64))
         inputs, labels = batch[:, :-1], batch[:, 1:]
         mask = labels < 256
@@ -361,7 +390,7 @@ def evaluate_pair(
         agree += int(same[mask].sum())
         scored += int(mask.sum())
     return {
-        "n_windows": int(n_windows),
+        "n_windows": sum(len(b) for b in batches),
         "window": window,
         "scored_bytes": scored,
         "target_bits_per_byte": nll["target"] / scored / math.log(2),
@@ -426,7 +455,8 @@ def model_card(name: str, cfg: LlamaConfig, log: dict, meta: dict, ev: dict) -> 
     schedule = "; ".join(
         f"{'stage ' + str(i + 1) + ': ' if len(stages) > 1 else ''}{c['steps']:,} steps, peak {c['lr']:g}, "
         f"linear warmup over {c['warmup_steps']} steps, cosine decay to {c['lr'] * c['min_lr_ratio']:g}"
-        for i, c in enumerate(stages))
+        for i, c in enumerate(stages)
+    )
     completions = "\n\n".join(
         f"Prompt `{json.dumps(p)}`:\n\n```python\n{p}{c}\n```" for p, c in ev["completions"][name].items()
     )
@@ -492,10 +522,13 @@ The loss curve is in `training_log.json`.
 
 ## Results
 
-Evaluated from the float16 checkpoint loaded in float32 on {ev["scored_bytes"]:,}
-held-out bytes: the whole held-out stream cut into non-overlapping windows of
-{ev["window"]} tokens (each byte predicted once, from 1 to {ev["window"]} tokens
-of context); only byte targets are scored (BOS/EOS targets excluded).
+Evaluated from the float16 checkpoint loaded in float32 over the whole held-out
+set ({ev["scored_bytes"]:,} bytes): the held-out token stream is cut into
+{ev["n_windows"]:,} consecutive windows of {ev["window"]} tokens, so every byte is
+predicted exactly once, from 1 to {ev["window"]} tokens of context. Only byte
+targets are scored (BOS/EOS targets excluded). Top-1 agreement is the fraction
+of those positions where the argmax of tiny-draft equals the argmax of
+tiny-target.
 
 | | |
 |---|---|
@@ -508,7 +541,10 @@ The same numbers are in `eval.json`.
 
 ### Greedy completions
 
-{ev["completion_bytes"]} new bytes, greedy, from `[BOS] + prompt`:
+{ev["completion_bytes"]} new bytes, greedy, from `[BOS] + prompt`. Greedy decoding of a model
+this small soon falls into loops: endless runs of spaces after a newline,
+repeated phrases or identifiers. That is a useful illustration of why samplers
+use temperature, top-p and repetition penalties.
 
 {completions}
 """
@@ -538,8 +574,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--completion-bytes", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--measure", type=int, default=0, help="only time this many steps")
-    p.add_argument("--continue-training", action="store_true",
-                   help="start from the exported model in --out and train a further stage")
+    p.add_argument(
+        "--continue-training",
+        action="store_true",
+        help="start from the exported model in --out and train a further stage",
+    )
     p.add_argument("--cards-only", action="store_true", help="only re-render README.md from eval.json")
     return p.parse_args()
 
