@@ -37,7 +37,7 @@ class EngineConfig:
 
     block_size: int = 16
     num_blocks: int | None = None  # default: derived from kv_cache_memory
-    kv_cache_memory: int = 256 * 2**20  # bytes for K and V of all layers (float32)
+    kv_cache_memory: int = 256 * 2**20  # bytes for K and V of all layers (in kv_cache_dtype)
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     policy: str = "fcfs"  # "fcfs" | "priority" | "prefill_first"
