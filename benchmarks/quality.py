@@ -1,0 +1,468 @@
+"""What each quantization scheme costs in accuracy and saves in memory, measured in one run.
+
+Every weight format of :mod:`minibatch.quant` (and float16/bfloat16 rounding, and the
+int8 KV cache) scores the same held-out windows as the float32 model it came from:
+
+* **bits per byte**: the mean of ``-log2 p(next byte)`` over every position of the windows
+  (the shipped models are byte-level, so a token is a byte); its relative change from
+  float32 is the headline number;
+* **KL from f32**: the mean over positions of ``KL(p_f32 || p_scheme)`` in nats, how far each
+  next-token distribution moved, even where the byte that came happens to score the same;
+* **greedy agreement**: how often the most likely next token is the one float32 picks.
+
+The float32 baseline is measured in the same run. KV-cache rows run the float32 weights
+with K and V stored as int8 (one scale per token and head): the windows are prefilled
+through a paged cache, so every attention reads the quantized K/V back, its own tokens'
+included. A second table counts how many sequences fit in a fixed KV-cache budget with
+float32 and int8 KV, computed from ``kv_bytes_per_token`` and checked by building an
+``LLMEngine`` with that budget.
+
+A scheme's group size must divide the input dimension of every projection it stores.
+When it does not divide the MLP width (the shipped target model's 688 is not a multiple of
+32), ``--fit pad`` (the default) widens the MLP with zero units to the next multiple:
+the extra gate/up rows are zero, so their units output ``silu(0) * 0 = 0``, and the extra
+down_proj columns multiply those zeros. The float model computes exactly the same
+function, and every projection is then stored in the scheme (rows marked ``+``).
+``--fit int8`` instead stores the projections the scheme cannot hold as int8, as
+llama.cpp falls back to another type (rows marked ``*``); ``--fit none`` leaves such
+schemes out. Bits per weight count the stored bytes against the model's real weights.
+
+    python benchmarks/quality.py [--model DIR] [--windows 16] [--window-len 512] [--source sample|corpus]
+                                 [--fit pad|int8|none]
+
+It prints the tables and writes ``benchmarks/results/quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from minibatch.backend import get_backend
+from minibatch.checkpoint import bf16_to_f32, f32_to_bf16, load_weights
+from minibatch.config import ModelConfig
+from minibatch.engine import LLMEngine
+from minibatch.kv_cache import kv_bytes_per_token
+from minibatch.llm import DEFAULT_MODEL, MODELS_DIR
+from minibatch.model import ForwardBatch, LayerWeights, ModelRunner, ModelWeights
+from minibatch.quant import PROJECTIONS, QuantizedWeight, group_size_of, quantize
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT_SAMPLE = MODELS_DIR / "heldout_sample.txt"
+
+WEIGHT_FORMATS = ("f32", "f16", "bf16", "int8", "int4-g32", "int4-g128", "q8_0", "q4_0")
+KV_ROWS = (("f32", "int8"), ("q4_0", "int8"))  # (weights, KV cache) pairs beyond float32 KV
+NOT_IMPLEMENTED = ("KIVI 2-bit KV",)
+# The goals the quantization work is held to: |relative change of bits per byte| at most this.
+BPB_GOALS = {("int8", "float32"): 0.005, ("q8_0", "float32"): 0.005, ("int4-g32", "float32"): 0.05,
+             ("q4_0", "float32"): 0.05, ("f32", "int8"): 0.005}
+Q4_0_BITS_PER_WEIGHT = 4.5
+
+# ------------------------------------------------------------------------ the metrics
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """``[T, V]`` logits -> natural-log probabilities, in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)  # [T, V]
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # [T, V]
+
+
+def bits_per_byte(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean of ``-log2 p(target)``: ``[T, V]`` logits and ``[T]`` next tokens (byte-level,
+    so bits per token is bits per byte). Uniform logits give ``log2(V)``."""
+    log_probs = log_softmax(logits)  # [T, V]
+    return float(-log_probs[np.arange(len(targets)), targets].mean() / math.log(2))
+
+
+def mean_kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of ``KL(p_ref || p)`` in nats: ``[T, V], [T, V] -> float``, >= 0,
+    and 0 exactly when the two distributions are equal."""
+    log_p, log_q = log_softmax(reference_logits), log_softmax(logits)  # [T, V] each
+    return float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+
+
+def greedy_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Fraction of positions whose argmax token is the same: ``[T, V], [T, V] -> [0, 1]``."""
+    return float(np.mean(np.argmax(reference_logits, axis=-1) == np.argmax(logits, axis=-1)))
+
+
+# ------------------------------------------------------------------- held-out windows
+
+
+def heldout_bytes(source: str) -> tuple[np.ndarray, str]:
+    """The held-out text as token ids, and a sentence saying where it came from.
+
+    ``"sample"``: ``minibatch/models/heldout_sample.txt`` (whole held-out files of the
+    training corpus, shipped with the models); ``"corpus"``: the held-out split of the
+    CPython standard library of this interpreter (``tools/stdlib_corpus.py``), BOS/EOS included.
+    """
+    if source == "sample":
+        if not HELDOUT_SAMPLE.is_file():
+            raise FileNotFoundError(f"{HELDOUT_SAMPLE} is missing: it ships with the trained models; "
+                                    "use --source corpus to read the held-out split from the stdlib instead")
+        data = np.frombuffer(HELDOUT_SAMPLE.read_bytes(), dtype=np.uint8).astype(np.int64)
+        return data, f"{HELDOUT_SAMPLE.relative_to(MODELS_DIR.parents[1])} ({len(data):,} bytes)"
+    if source == "corpus":
+        sys.path.insert(0, str(Path(__file__).parents[1]))
+        from tools.stdlib_corpus import load_corpus
+
+        split = load_corpus()
+        return split.heldout.astype(np.int64), (f"held-out split of the CPython {split.metadata['python_version']} "
+                                                f"stdlib ({split.metadata['n_files_heldout']} files)")
+    raise ValueError(f"unknown source {source!r}: choose 'sample' or 'corpus'")
+
+
+def heldout_windows(tokens: np.ndarray, num_windows: int, window_len: int) -> list[np.ndarray]:
+    """``num_windows`` windows of ``window_len`` tokens, evenly spaced over ``tokens``
+    (the same windows every time). Raises ``ValueError`` if the text is too short."""
+    if len(tokens) < window_len:
+        raise ValueError(f"the held-out text has {len(tokens)} tokens, fewer than one window of {window_len}")
+    starts = np.linspace(0, len(tokens) - window_len, num_windows).astype(np.int64)
+    return [tokens[start:start + window_len] for start in starts]
+
+
+# ---------------------------------------------------------------------- the formats
+
+
+def round_floats(weights: ModelWeights, dtype: str) -> ModelWeights:
+    """Every tensor rounded to ``float16`` or ``bfloat16`` and back to float32."""
+    if dtype == "f16":
+        return weights.map(lambda t: np.asarray(t, np.float32).astype(np.float16).astype(np.float32))
+    if dtype == "bf16":
+        return weights.map(lambda t: bf16_to_f32(f32_to_bf16(np.asarray(t, np.float32))))
+    raise ValueError(f"unknown float format {dtype!r}")
+
+
+def pad_mlp(weights: ModelWeights, multiple: int) -> ModelWeights:
+    """The same model with its MLP widened by zero units to a multiple of ``multiple``.
+
+    The new gate/up rows are zero, so each new unit outputs ``silu(0) * 0 = 0``, and the
+    new down_proj columns multiply those zeros: the float32 output does not change.
+    """
+    layers = []
+    for layer in weights.layers:
+        width = layer.down_proj.shape[1]
+        extra = -width % multiple
+        layers.append(dataclasses.replace(layer, gate_proj=np.pad(layer.gate_proj, ((0, extra), (0, 0))),
+                                          up_proj=np.pad(layer.up_proj, ((0, extra), (0, 0))),
+                                          down_proj=np.pad(layer.down_proj, ((0, 0), (0, extra)))))
+    return dataclasses.replace(weights, layers=layers)
+
+
+def quantize_with_fallback(weights: ModelWeights, scheme: str, fallback: str | None) -> tuple[ModelWeights, list[str]]:
+    """Every projection in ``scheme``; one whose input dimension the scheme's group size does
+    not divide is stored in ``fallback`` instead (None: raise ``ValueError``). Returns the
+    weights and the names of the projections that fell back (``"down_proj"``, once per name)."""
+    fell_back: list[str] = []
+    layers = []
+    for index, layer in enumerate(weights.layers):
+        fields = {name: getattr(layer, name) for name in LayerWeights.__slots__}
+        for name in PROJECTIONS:
+            weight = fields[name]
+            fits = weight.shape[1] % group_size_of(scheme, weight.shape[1]) == 0
+            if not fits and fallback is not None and name not in fell_back:
+                fell_back.append(name)
+            fields[name] = quantize(weight, scheme if fits or fallback is None else fallback,
+                                    f"model.layers.{index}.{name}")
+        layers.append(LayerWeights(**fields))
+    return dataclasses.replace(weights, layers=layers), fell_back
+
+
+def weights_in_format(weights: ModelWeights, fmt: str, fit: str = "pad") -> tuple[ModelWeights, dict]:
+    """The float32 weights in ``fmt`` (``f32``, ``bf16``, ``f16`` or a quantization scheme),
+    and notes on how they were made to fit (``fit``: ``"pad"``, ``"int8"`` or ``"none"``)."""
+    if fmt == "f32":
+        return weights, {}
+    if fmt in ("bf16", "f16"):
+        return round_floats(weights, fmt), {}
+    notes: dict = {}
+    width = weights.layers[0].down_proj.shape[1]
+    group = group_size_of(fmt, width)
+    if fit == "pad" and width % group:
+        weights = pad_mlp(weights, group)
+        notes["padded_mlp"] = [width, weights.layers[0].down_proj.shape[1]]
+    quantized, fell_back = quantize_with_fallback(weights, fmt, None if fit == "none" else "int8")
+    if fell_back:
+        notes["fallback"] = {"scheme": "int8", "projections": fell_back}
+    return quantized, notes
+
+
+def storage(weights: ModelWeights, fmt: str, num_weights: int) -> dict:
+    """Bits per projection weight as stored, counted against the model's ``num_weights``
+    real projection weights (zero padding costs bits too), and the whole model's bytes:
+    float formats store every tensor at 32 or 16 bits; a quantized model keeps
+    embeddings, norms and lm_head in float32."""
+    projections = [getattr(layer, name) for layer in weights.layers for name in PROJECTIONS]
+    if fmt in ("bf16", "f16"):
+        return {"bits_per_weight": 16.0, "model_bytes": weights.num_bytes // 2}
+    stored = sum(int(p.nbytes) for p in projections)
+    result = {"bits_per_weight": 8 * stored / num_weights, "model_bytes": weights.num_bytes}
+    own = [p for p in projections if isinstance(p, QuantizedWeight) and p.scheme == fmt]
+    if own:  # the format's own rate: its tensors' bytes over the weights they hold, padding included
+        result["bits_per_weight_of_scheme_tensors"] = 8 * sum(p.nbytes for p in own) / \
+            sum(int(np.prod(p.shape)) for p in own)
+    return result
+
+
+# -------------------------------------------------------------------- scoring windows
+
+
+def score_windows(runner: ModelRunner, windows: list[np.ndarray], block_size: int = 16,
+                  windows_per_batch: int = 4) -> list[np.ndarray]:
+    """Next-token logits ``[T, V]`` at every position of every window.
+
+    Each group of windows is one flat prefill batch over fresh paged KV storage of the
+    runner's dtype (block tables of ``block_size`` slots), so an int8 cache quantizes
+    each token's K/V on the way in and attention reads them back from it.
+    """
+    logits = []
+    for first in range(0, len(windows), windows_per_batch):
+        group = windows[first:first + windows_per_batch]
+        blocks = [-(-len(window) // block_size) for window in group]
+        kv = runner.new_kv(sum(blocks), block_size)
+        entries, next_block = [], 0
+        for window, num_blocks in zip(group, blocks, strict=True):
+            table = np.arange(next_block, next_block + num_blocks)
+            next_block += num_blocks
+            positions = np.arange(len(window))
+            slots = table[positions // block_size] * block_size + positions % block_size
+            entries.append(([int(t) for t in window], 0, table.tolist(), slots))
+        out = runner.run(ForwardBatch.build(entries, logits="all"), kv)  # [sum T, V]
+        logits += np.split(out, np.cumsum([len(w) for w in group])[:-1])
+    return logits
+
+
+def compare(reference: list[np.ndarray], logits: list[np.ndarray], windows: list[np.ndarray],
+            vocab_bytes: int = 256) -> dict:
+    """The metrics over every scored position of every window: position ``t`` predicts
+    token ``t+1``; only byte targets (ids below ``vocab_bytes``) are scored."""
+    rows = [(ref[:-1][w[1:] < vocab_bytes], out[:-1][w[1:] < vocab_bytes], w[1:][w[1:] < vocab_bytes])
+            for ref, out, w in zip(reference, logits, windows, strict=True)]
+    ref_all = np.concatenate([r for r, _, _ in rows])
+    out_all = np.concatenate([o for _, o, _ in rows])
+    targets = np.concatenate([t for _, _, t in rows])
+    return {"bits_per_byte": bits_per_byte(out_all, targets), "kl_from_f32": mean_kl_divergence(ref_all, out_all),
+            "greedy_agreement": greedy_agreement(ref_all, out_all), "scored_positions": len(targets)}
+
+
+def evaluate(model_dir: Path, windows: list[np.ndarray], fit: str = "pad", backend: str = "numpy",
+             formats: tuple[str, ...] = WEIGHT_FORMATS, kv_rows: tuple = KV_ROWS) -> list[dict]:
+    """One row per (weight format, KV cache dtype), float32 weights and KV first."""
+    config = ModelConfig.from_dir(model_dir)
+    weights = load_weights(model_dir, config)
+    num_weights = sum(int(np.prod(getattr(layer, name).shape)) for layer in weights.layers for name in PROJECTIONS)
+    ops = get_backend(backend)
+    runs = [(fmt, "float32") for fmt in formats] + list(kv_rows)
+    rows, reference = [], None
+    for fmt, kv_dtype in runs:
+        try:
+            formatted, notes = weights_in_format(weights, fmt, fit)
+        except ValueError as error:  # --fit none: the scheme cannot store some projection
+            rows.append({"weights": fmt, "kv_cache": kv_dtype, "error": str(error)})
+            continue
+        start = time.perf_counter()
+        logits = score_windows(ModelRunner(config, formatted, ops, kv_dtype), windows)
+        row = {"weights": fmt, "kv_cache": kv_dtype, **storage(formatted, fmt, num_weights),
+               "kv_bytes_per_token": kv_bytes_per_token(config, kv_dtype), **notes}
+        reference = logits if reference is None else reference
+        row.update(compare(reference, logits, windows), seconds=time.perf_counter() - start)
+        rows.append(row)
+    baseline = rows[0]["bits_per_byte"]
+    for row in rows:
+        if "bits_per_byte" in row:
+            row["bpb_relative_change"] = row["bits_per_byte"] / baseline - 1
+    return rows
+
+
+def check_goals(rows: list[dict]) -> list[dict]:
+    """The goals as rows: what was asked, what was measured, PASS or FAIL (or n/a)."""
+    by_key = {(row["weights"], row["kv_cache"]): row for row in rows}
+    goals = []
+    for (fmt, kv_dtype), limit in BPB_GOALS.items():
+        row = by_key.get((fmt, kv_dtype), {})
+        name = fmt if kv_dtype == "float32" else f"{kv_dtype} KV cache"
+        goal = {"goal": f"{name}: bits per byte within {limit:.1%} of f32"}
+        if "bpb_relative_change" in row:
+            change = row["bpb_relative_change"]
+            note = f" ({fit_note(row)})" if fit_note(row) else ""
+            goal.update(measured=f"{change:+.2%}{note}", passed=abs(change) <= limit)
+        else:
+            goal.update(measured="not measured", passed=None)
+        goals.append(goal)
+    row = by_key.get(("q4_0", "float32"), {})
+    bits = row.get("bits_per_weight_of_scheme_tensors")
+    goal = {"goal": f"q4_0 stores {Q4_0_BITS_PER_WEIGHT} bits per weight"}
+    if bits is None:
+        goal.update(measured="not measured", passed=None)
+    else:
+        overall = f" (model: {row['bits_per_weight']:.3f})" if row["bits_per_weight"] != bits else ""
+        goal.update(measured=f"{bits:.3f}{overall}", passed=bits == Q4_0_BITS_PER_WEIGHT)
+    return goals + [goal]
+
+
+# ------------------------------------------------------------------ KV-cache capacity
+
+
+def kv_capacity(config: ModelConfig, budget_bytes: int, seq_len: int, block_size: int, kv_cache_dtype: str) -> dict:
+    """Sequences of ``seq_len`` tokens a ``budget_bytes`` KV cache holds, on paper."""
+    per_token = kv_bytes_per_token(config, kv_cache_dtype)
+    num_blocks = budget_bytes // (block_size * per_token)
+    blocks_per_seq = -(-seq_len // block_size)
+    return {"kv_cache": kv_cache_dtype, "bytes_per_token": per_token, "num_blocks": num_blocks,
+            "blocks_per_sequence": blocks_per_seq, "max_sequences": num_blocks // blocks_per_seq}
+
+
+def engine_num_blocks(model_dir: Path, budget_bytes: int, block_size: int, kv_cache_dtype: str) -> int:
+    """The blocks an ``LLMEngine`` given ``budget_bytes`` of KV cache actually allocates
+    (``max_num_seqs`` set high so that memory, not the sequence cap, is the limit)."""
+    engine = LLMEngine(model_dir, kv_cache_memory=budget_bytes, block_size=block_size,
+                       kv_cache_dtype=kv_cache_dtype, max_num_seqs=1_000_000)
+    num_blocks = engine.cache.num_blocks
+    assert engine.runner.kv.num_bytes <= budget_bytes, "the engine's pools exceed its budget"
+    return num_blocks
+
+
+def capacity_rows(name: str, model_dir: Path, budget_bytes: int, seq_len: int, block_size: int) -> list[dict]:
+    config = ModelConfig.from_dir(model_dir)
+    rows = []
+    for kv_dtype in ("float32", "int8"):
+        row = {"model": name, **kv_capacity(config, budget_bytes, seq_len, block_size, kv_dtype)}
+        row["engine_num_blocks"] = engine_num_blocks(model_dir, budget_bytes, block_size, kv_dtype)
+        row["engine_max_sequences"] = row["engine_num_blocks"] // row["blocks_per_sequence"]
+        rows.append(row)
+    for row in rows:
+        row["sequences_vs_float32"] = row["max_sequences"] / rows[0]["max_sequences"]
+        row["tokens_vs_float32"] = row["num_blocks"] / rows[0]["num_blocks"]
+    return rows
+
+
+# ------------------------------------------------------------------------ the report
+
+
+def fit_note(row: dict) -> str:
+    """How a row's weights were made to fit the scheme, in a few words ("" when nothing was needed)."""
+    notes = []
+    if "padded_mlp" in row:
+        notes.append(f"MLP padded {row['padded_mlp'][0]}->{row['padded_mlp'][1]}")
+    if "fallback" in row:
+        notes.append(f"{', '.join(row['fallback']['projections'])} {row['fallback']['scheme']}")
+    return "; ".join(notes)
+
+
+def format_row_name(row: dict) -> str:
+    name = row["weights"] if row["kv_cache"] == "float32" else f"{row['weights']} + {row['kv_cache']} KV"
+    return name + ("+" if "padded_mlp" in row else "") + ("*" if "fallback" in row else "")
+
+
+def print_quality_table(rows: list[dict]) -> None:
+    header = (f"{'scheme':<18}{'bits/w':>8}{'model MiB':>11}{'KV B/tok':>10}{'bits/byte':>11}{'vs f32':>9}"
+              f"{'KL (nats)':>11}{'greedy agree':>14}")
+    print(header + "\n" + "-" * len(header))
+    for row in rows:
+        if "error" in row:
+            print(f"{format_row_name(row):<18}  cannot store: {row['error']}")
+            continue
+        print(f"{format_row_name(row):<18}{row['bits_per_weight']:>8.3f}{row['model_bytes'] / 2**20:>11.2f}"
+              f"{row['kv_bytes_per_token']:>10,}{row['bits_per_byte']:>11.4f}{row['bpb_relative_change']:>+9.2%}"
+              f"{row['kl_from_f32']:>11.2e}{row['greedy_agreement']:>14.2%}")
+    for name in NOT_IMPLEMENTED:
+        print(f"{name:<18}  not implemented")
+    for row in rows:
+        if "padded_mlp" in row or "fallback" in row:
+            print(f"{format_row_name(row)}: {fit_note(row)}")
+    if any("padded_mlp" in row for row in rows):
+        print("+ padded with zero units: the same function in float32, every projection in the scheme")
+    if any("fallback" in row for row in rows):
+        print("* the scheme's group size does not divide these projections' inputs: stored as int8")
+
+
+def print_goals(goals: list[dict]) -> None:
+    width = max(len(g["goal"]) for g in goals)
+    measured = max(len(g["measured"]) for g in goals) + 2
+    print(f"\n{'goal':<{width}}  {'measured':<{measured}}result")
+    for g in goals:
+        result = "n/a" if g["passed"] is None else ("PASS" if g["passed"] else "FAIL")
+        print(f"{g['goal']:<{width}}  {g['measured']:<{measured}}{result}")
+
+
+def print_capacity(rows: list[dict], budget_bytes: int, seq_len: int, block_size: int) -> None:
+    print(f"\nsequences of {seq_len} tokens in a {budget_bytes / 2**20:g} MiB KV cache (blocks of {block_size} "
+          "tokens; 'engine blocks': what an LLMEngine with that budget allocated)")
+    header = (f"{'model':<22}{'KV':>9}{'B/token':>10}{'blocks':>9}{'engine blocks':>15}{'max seqs':>10}"
+              f"{'seqs x f32':>12}{'tokens x f32':>14}")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<22}{r['kv_cache']:>9}{r['bytes_per_token']:>10,}{r['num_blocks']:>9,}"
+              f"{r['engine_num_blocks']:>15,}{r['max_sequences']:>10,}{r['sequences_vs_float32']:>12.2f}"
+              f"{r['tokens_vs_float32']:>14.2f}")
+
+
+def shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (default: tiny-target)")
+    parser.add_argument("--source", default="sample", choices=["sample", "corpus"], help="held-out text")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows (same for every scheme)")
+    parser.add_argument("--window-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--fit", default="pad", choices=["pad", "int8", "none"],
+                        help="when a group size does not divide the MLP width: pad the MLP with zero units, "
+                             "store those projections as int8, or skip the scheme")
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "gpu"])
+    parser.add_argument("--kv-budget-mib", type=float, default=64, help="KV-cache budget for the capacity table")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence in the capacity table")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--skip-135m", action="store_true", help="capacity table without the SmolLM2-135M shape")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = parser.parse_args()
+
+    config = ModelConfig.from_dir(args.model)
+    tokens, source = heldout_bytes(args.source)
+    window_len = min(args.window_len, config.max_model_len)
+    windows = heldout_windows(tokens, args.windows, window_len)
+    print(f"model: {shown(args.model)}\nheld-out text: {source}; {len(windows)} evenly spaced windows of {window_len} "
+          "tokens, the same for every scheme\n")
+    rows = evaluate(args.model, windows, args.fit, args.backend)
+    print_quality_table(rows)
+    goals = check_goals(rows)
+    print_goals(goals)
+
+    budget = int(args.kv_budget_mib * 2**20)
+    capacity = capacity_rows(args.model.name, args.model, budget, args.seq_len, args.block_size)
+    if not args.skip_135m:
+        from decode import write_smollm2_shaped
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")
+            capacity += capacity_rows("SmolLM2-135M-shaped", model_dir, budget, args.seq_len, args.block_size)
+    print_capacity(capacity, budget, args.seq_len, args.block_size)
+
+    report = {"benchmark": "quality", "model": shown(args.model), "heldout": source, "windows": len(windows),
+              "window_len": window_len, "scored_positions": rows[0].get("scored_positions"),
+              "kl_units": "nats", "not_implemented": list(NOT_IMPLEMENTED), "machine": platform.platform(),
+              "args": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "rows": rows, "goals": goals,
+              "kv_capacity": {"budget_bytes": budget, "seq_len": args.seq_len, "block_size": args.block_size,
+                              "rows": capacity}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
