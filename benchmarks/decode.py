@@ -45,11 +45,13 @@ SMOLLM2_135M_SHAPE = {
 }
 
 
-def measure_gemv_bandwidth(backend_name: str, rows: int = 8192, cols: int = 8192, repeats: int = 15) -> float:
-    """Bytes/s of ``x @ W.T`` for a 256 MiB float32 ``W``: decode's own memory roofline."""
+def median_linear_seconds(backend_name: str, tokens: int, rows: int, cols: int, repeats: int) -> float:
+    """Median seconds of ``x @ W.T`` for float32 ``x [tokens, cols]``, ``W [rows, cols]``
+    (the first two runs are warm-up and not counted)."""
     ops = get_backend(backend_name)
-    weight = ops.asarray(np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32))
-    x = ops.asarray(np.ones((1, cols), np.float32))
+    rng = np.random.default_rng(0)
+    weight = ops.asarray(rng.standard_normal((rows, cols), dtype=np.float32))
+    x = ops.asarray(rng.standard_normal((tokens, cols), dtype=np.float32))
     times = []
     for _ in range(repeats):
         ops.synchronize()
@@ -57,7 +59,12 @@ def measure_gemv_bandwidth(backend_name: str, rows: int = 8192, cols: int = 8192
         ops.linear(x, weight)
         ops.synchronize()
         times.append(time.perf_counter() - start)
-    return weight.nbytes / statistics.median(times[2:])
+    return statistics.median(times[2:])
+
+
+def measure_gemv_bandwidth(backend_name: str, rows: int = 8192, cols: int = 8192, repeats: int = 15) -> float:
+    """Bytes/s of ``x @ W.T`` for a 256 MiB float32 ``W``: decode's own memory roofline."""
+    return rows * cols * 4 / median_linear_seconds(backend_name, 1, rows, cols, repeats)
 
 
 def weight_bytes_per_step(weights: ModelWeights, tied: bool) -> int:

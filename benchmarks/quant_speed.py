@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from decode import measure_gemv_bandwidth, weight_bytes_per_step, write_smollm2_shaped
+from decode import measure_gemv_bandwidth, median_linear_seconds, weight_bytes_per_step, write_smollm2_shaped
 
 from minibatch.backend import get_backend
 from minibatch.checkpoint import load_weights
@@ -60,18 +60,7 @@ DEFAULT_SCHEMES = ("f32", "int4-g64", "q4_0")
 
 def measure_gemm_flops(backend_name: str, tokens: int = 512, size: int = 4096, repeats: int = 7) -> float:
     """FLOP/s of a float32 ``[tokens, size] @ [size, size]``: the compute roofline."""
-    ops = get_backend(backend_name)
-    rng = np.random.default_rng(0)
-    weight = ops.asarray(rng.standard_normal((size, size), dtype=np.float32))
-    x = ops.asarray(rng.standard_normal((tokens, size), dtype=np.float32))
-    times = []
-    for _ in range(repeats):
-        ops.synchronize()
-        start = time.perf_counter()
-        ops.linear(x, weight)
-        ops.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * tokens * size * size / statistics.median(times[2:])
+    return 2 * tokens * size * size / median_linear_seconds(backend_name, tokens, size, size, repeats)
 
 
 def multiply_adds_per_token(weights: ModelWeights) -> int:
