@@ -164,6 +164,7 @@ class LLMEngine:
             if not sequence.status.finished:
                 self.scheduler.finish(sequence, SequenceStatus.FINISHED_ABORTED)
         state.record.finished_time = time.perf_counter()
+        state.record.aborted = True
         return True
 
     def has_unfinished_requests(self) -> bool:

@@ -75,8 +75,8 @@ def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str = "float32") -> 
     return 2 * config.num_layers * config.num_kv_heads * per_head
 
 
-class CacheFullError(RuntimeError):
-    """No free room in the KV cache for another sequence."""
+class CacheFullError(MemoryError):
+    """No free room in the KV cache (for another sequence, or for more tokens)."""
 
 
 class ContiguousKVCache:
@@ -242,13 +242,14 @@ class PagedKVCache:
         """Give a new sequence blocks for ``token_ids``, reusing cached prefix blocks.
 
         Returns the number of leading tokens whose K/V is already cached (a multiple of
-        the block size, less than ``len(token_ids)``). Raises ``MemoryError`` and changes
-        nothing when the blocks are not there; call ``can_allocate`` first.
+        the block size, less than ``len(token_ids)``). Raises :class:`CacheFullError` (a
+        ``MemoryError``) and changes nothing when the blocks are not there; call
+        ``can_allocate`` first.
         """
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         if not self.can_allocate(token_ids):
-            raise MemoryError(f"not enough free KV blocks for {len(token_ids)} tokens")
+            raise CacheFullError(f"not enough free KV blocks for {len(token_ids)} tokens")
         hits = self.cached_prefix(token_ids)
         for block_id in hits:
             self._take(block_id)
@@ -264,7 +265,7 @@ class PagedKVCache:
         """Claim slots for ``num_new_tokens`` more tokens of a sequence; returns their slot
         mapping. A shared last block is copied first (copy-on-write)."""
         if not self.can_append(seq_id, num_new_tokens):
-            raise MemoryError(f"not enough free KV blocks to append {num_new_tokens} tokens")
+            raise CacheFullError(f"not enough free KV blocks to append {num_new_tokens} tokens")
         table, start = self.tables[seq_id], self.num_tokens[seq_id]
         if start % self.block_size and self.blocks[table[-1]].ref_count > 1:
             self._copy_on_write(table)

@@ -47,6 +47,7 @@ class RequestRecord:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    aborted: bool = False
 
     @property
     def ttft(self) -> float | None:
@@ -74,8 +75,9 @@ class EventLog:
     requests: dict[str, RequestRecord] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
-        """Percentiles a serving engineer reads first (seconds), over finished requests."""
-        done = [r for r in self.requests.values() if r.finished_time is not None]
+        """Percentiles a serving engineer reads first (seconds), over requests that finished
+        (aborted ones are left out)."""
+        done = [r for r in self.requests.values() if r.finished_time is not None and not r.aborted]
         out: dict[str, float] = {"num_requests": len(done), "num_steps": len(self.steps),
                                  "preemptions": sum(s.num_preemptions for s in self.steps)}
         for name, values in (("ttft", [r.ttft for r in done]), ("tpot", [r.tpot for r in done]),

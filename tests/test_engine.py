@@ -135,6 +135,7 @@ def test_abort_frees_blocks_at_once(engine):
     assert engine.abort_request("a")
     assert engine.cache.num_used_blocks == 0 and not engine.has_unfinished_requests()
     assert not engine.abort_request("a")
+    assert engine.log.requests["a"].aborted and engine.log.summary()["num_requests"] == 0
 
 
 def test_requests_that_can_never_fit_are_rejected_and_allocate_nothing():

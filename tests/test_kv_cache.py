@@ -8,7 +8,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from minibatch.kv_cache import ContiguousKVCache, PagedKVCache
+from minibatch.kv_cache import CacheFullError, ContiguousKVCache, PagedKVCache
 
 tokens = st.lists(st.integers(0, 3), min_size=1, max_size=14)  # a tiny alphabet: many shared prefixes
 
@@ -167,5 +167,5 @@ def test_contiguous_cache_rows():
     cache.allocate("a")
     cache.allocate("b")
     assert cache.slot_mapping("b", np.array([0, 7])).tolist() in ([0, 7], [8, 15])
-    with pytest.raises(RuntimeError, match="in use"):
+    with pytest.raises(CacheFullError, match="in use"):
         cache.allocate("c")
