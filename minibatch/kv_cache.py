@@ -225,9 +225,11 @@ class PagedKVCache:
             found.append(block_id)
         return found
 
-    def can_allocate(self, token_ids: list[int], watermark_blocks: int = 0) -> bool:
-        """Whether ``allocate(seq, token_ids)`` would succeed leaving ``watermark_blocks`` free."""
-        hits = self.cached_prefix(token_ids)
+    def can_allocate(self, token_ids: list[int], watermark_blocks: int = 0, hits: list[int] | None = None) -> bool:
+        """Whether ``allocate(seq, token_ids)`` would succeed leaving ``watermark_blocks`` free.
+        ``hits`` is ``cached_prefix(token_ids)`` if the caller has it already (hashing a long
+        prompt is not free)."""
+        hits = self.cached_prefix(token_ids) if hits is None else hits
         hits_in_free_pool = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         new_blocks = self.blocks_needed(len(token_ids)) - len(hits)
         return self.num_free_blocks - hits_in_free_pool - new_blocks >= watermark_blocks
@@ -238,19 +240,19 @@ class PagedKVCache:
 
     # ----------------------------------------------------------------- actions
 
-    def allocate(self, seq_id: Any, token_ids: list[int]) -> int:
+    def allocate(self, seq_id: Any, token_ids: list[int], hits: list[int] | None = None) -> int:
         """Give a new sequence blocks for ``token_ids``, reusing cached prefix blocks.
 
         Returns the number of leading tokens whose K/V is already cached (a multiple of
         the block size, less than ``len(token_ids)``). Raises :class:`CacheFullError` (a
         ``MemoryError``) and changes nothing when the blocks are not there; call
-        ``can_allocate`` first.
+        ``can_allocate`` first. ``hits`` as in :meth:`can_allocate`.
         """
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
-        if not self.can_allocate(token_ids):
+        hits = self.cached_prefix(token_ids) if hits is None else hits
+        if not self.can_allocate(token_ids, hits=hits):
             raise CacheFullError(f"not enough free KV blocks for {len(token_ids)} tokens")
-        hits = self.cached_prefix(token_ids)
         for block_id in hits:
             self._take(block_id)
         full_prompt_blocks = len(token_ids) // self.block_size

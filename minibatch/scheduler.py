@@ -250,14 +250,14 @@ class Scheduler:
         for sequence in sorted(self.waiting, key=self.policy.queue_order):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if not self.cache.can_allocate(sequence.token_ids, self.watermark_blocks):
+            hits = self.cache.cached_prefix(sequence.token_ids)  # hashed once per admission
+            if not self.cache.can_allocate(sequence.token_ids, self.watermark_blocks, hits):
                 break
-            hit = self.cache.cached_prefix(sequence.token_ids)
-            uncached = sequence.num_tokens - len(hit) * self.cache.block_size
+            uncached = sequence.num_tokens - len(hits) * self.cache.block_size
             if not self.policy.chunked_prefill and uncached > budget:
                 break
             sequence.num_computed_tokens = sequence.num_cached_tokens = \
-                self.cache.allocate(sequence.seq_id, sequence.token_ids)
+                self.cache.allocate(sequence.seq_id, sequence.token_ids, hits)
             self.waiting.remove(sequence)
             self.running.append(sequence)
             sequence.status = SequenceStatus.RUNNING
