@@ -1,7 +1,7 @@
 """What each quantization scheme costs in accuracy and saves in memory, measured in one run.
 
 Every weight format of :mod:`minibatch.quant` (and float16/bfloat16 rounding, and the
-int8 KV cache) scores the same held-out windows as the float32 model it came from:
+int8 and KIVI 2-bit KV caches) scores the same held-out windows as the float32 model it came from:
 
 * **bits per byte**: the mean of ``-log2 p(next byte)`` over every position of the windows
   (the shipped models are byte-level, so a token is a byte); its relative change from
@@ -10,11 +10,12 @@ int8 KV cache) scores the same held-out windows as the float32 model it came fro
   next-token distribution moved, even where the byte that came happens to score the same;
 * **greedy agreement**: how often the most likely next token is the one float32 picks.
 
-The float32 baseline is measured in the same run. KV-cache rows run the float32 weights
-with K and V stored as int8 (one scale per token and head): the windows are prefilled
-through a paged cache, so every attention reads the quantized K/V back, its own tokens'
-included. A second table counts how many sequences fit in a fixed KV-cache budget with
-float32 and int8 KV, computed from ``kv_bytes_per_token`` and checked by building an
+The float32 baseline is measured in the same run. KV-cache rows store K and V as int8
+(one scale per token and head) or as KIVI's 2 bits (:mod:`minibatch.kivi`): the windows
+are prefilled through a paged cache, so every attention reads the quantized K/V back
+(KIVI: every block before the query's own). A second table counts how many sequences fit
+in a fixed KV-cache budget with float32, int8 and 2-bit KV, computed from the bytes per
+block (and, for KIVI, one float residual row per sequence) and checked by building an
 ``LLMEngine`` with that budget.
 
 A scheme's group size must divide the input dimension of every projection it stores.
@@ -51,7 +52,7 @@ from minibatch.backend import get_backend
 from minibatch.checkpoint import bf16_to_f32, f32_to_bf16, load_weights
 from minibatch.config import ModelConfig
 from minibatch.engine import LLMEngine
-from minibatch.kv_cache import kv_bytes_per_token
+from minibatch.kv_cache import kivi_residual_bytes, kv_bytes_per_block, kv_bytes_per_token
 from minibatch.llm import DEFAULT_MODEL, MODELS_DIR
 from minibatch.model import ForwardBatch, LayerWeights, ModelRunner, ModelWeights
 from minibatch.quant import PROJECTIONS, QuantizedWeight, group_size_of, quantize
@@ -61,11 +62,11 @@ REPO = Path(__file__).resolve().parents[1]
 HELDOUT_SAMPLE = MODELS_DIR / "heldout_sample.txt"
 
 WEIGHT_FORMATS = ("f32", "f16", "bf16", "int8", "int4-g32", "int4-g128", "q8_0", "q4_0")
-KV_ROWS = (("f32", "int8"), ("q4_0", "int8"))  # (weights, KV cache) pairs beyond float32 KV
-NOT_IMPLEMENTED = ("KIVI 2-bit KV",)
+KV_ROWS = (("f32", "int8"), ("f32", "kivi2"), ("q4_0", "int8"))  # (weights, KV cache) pairs beyond float32 KV
+KV_DTYPES = ("float32", "int8", "kivi2")
 # The goals the quantization work is held to: |relative change of bits per byte| at most this.
 BPB_GOALS = {("int8", "float32"): 0.005, ("q8_0", "float32"): 0.005, ("int4-g32", "float32"): 0.05,
-             ("q4_0", "float32"): 0.05, ("f32", "int8"): 0.005}
+             ("q4_0", "float32"): 0.05, ("f32", "int8"): 0.005, ("f32", "kivi2"): 0.05}
 Q4_0_BITS_PER_WEIGHT = 4.5
 
 # ------------------------------------------------------------------------ the metrics
@@ -223,14 +224,14 @@ def score_windows(runner: ModelRunner, windows: list[np.ndarray], block_size: in
     """Next-token logits ``[T, V]`` at every position of every window.
 
     Each group of windows is one flat prefill batch over fresh paged KV storage of the
-    runner's dtype (block tables of ``block_size`` slots), so an int8 cache quantizes
+    runner's dtype (block tables of ``block_size`` slots), so a quantized cache stores
     each token's K/V on the way in and attention reads them back from it.
     """
     logits = []
     for first in range(0, len(windows), windows_per_batch):
         group = windows[first:first + windows_per_batch]
         blocks = [-(-len(window) // block_size) for window in group]
-        kv = runner.new_kv(sum(blocks), block_size)
+        kv = runner.new_kv(sum(blocks), block_size, num_residual_rows=len(group))
         entries, next_block = [], 0
         for window, num_blocks in zip(group, blocks, strict=True):
             table = np.arange(next_block, next_block + num_blocks)
@@ -274,7 +275,7 @@ def evaluate(model_dir: Path, windows: list[np.ndarray], fit: str = "pad", backe
         start = time.perf_counter()
         logits = score_windows(ModelRunner(config, formatted, ops, kv_dtype), windows)
         row = {"weights": fmt, "kv_cache": kv_dtype, **storage(formatted, fmt, num_weights),
-               "kv_bytes_per_token": kv_bytes_per_token(config, kv_dtype), **notes}
+               "kv_bytes_per_token": kv_bytes_per_token(config, kv_dtype, 16), **notes}
         reference = logits if reference is None else reference
         row.update(compare(reference, logits, windows), seconds=time.perf_counter() - start)
         rows.append(row)
@@ -315,31 +316,35 @@ def check_goals(rows: list[dict]) -> list[dict]:
 
 
 def kv_capacity(config: ModelConfig, budget_bytes: int, seq_len: int, block_size: int, kv_cache_dtype: str) -> dict:
-    """Sequences of ``seq_len`` tokens a ``budget_bytes`` KV cache holds, on paper."""
-    per_token = kv_bytes_per_token(config, kv_cache_dtype)
-    num_blocks = budget_bytes // (block_size * per_token)
+    """Sequences of ``seq_len`` tokens a ``budget_bytes`` KV cache holds, on paper. Each
+    sequence needs its blocks and, in a KIVI cache, one float32 residual row."""
+    per_block = kv_bytes_per_block(config, kv_cache_dtype, block_size)
     blocks_per_seq = -(-seq_len // block_size)
-    return {"kv_cache": kv_cache_dtype, "bytes_per_token": per_token, "num_blocks": num_blocks,
-            "blocks_per_sequence": blocks_per_seq, "max_sequences": num_blocks // blocks_per_seq}
+    residual = kivi_residual_bytes(config, block_size) if kv_cache_dtype == "kivi2" else 0
+    return {"kv_cache": kv_cache_dtype, "bytes_per_token": per_block / block_size,
+            "bytes_per_sequence": blocks_per_seq * per_block + residual, "num_blocks": budget_bytes // per_block,
+            "blocks_per_sequence": blocks_per_seq,
+            "max_sequences": budget_bytes // (blocks_per_seq * per_block + residual)}
 
 
-def engine_num_blocks(model_dir: Path, budget_bytes: int, block_size: int, kv_cache_dtype: str) -> int:
-    """The blocks an ``LLMEngine`` given ``budget_bytes`` of KV cache actually allocates
-    (``max_num_seqs`` set high so that memory, not the sequence cap, is the limit)."""
+def engine_capacity(model_dir: Path, budget_bytes: int, block_size: int, kv_cache_dtype: str, seqs: int,
+                    seq_len: int) -> int:
+    """How many ``seq_len``-token sequences an ``LLMEngine`` given ``budget_bytes`` of KV
+    cache and ``max_num_seqs=seqs`` can hold at once, from the blocks it allocated (a KIVI
+    engine first sets aside a residual row per sequence)."""
     engine = LLMEngine(model_dir, kv_cache_memory=budget_bytes, block_size=block_size,
-                       kv_cache_dtype=kv_cache_dtype, max_num_seqs=1_000_000)
-    num_blocks = engine.cache.num_blocks
+                       kv_cache_dtype=kv_cache_dtype, max_num_seqs=seqs)
     assert engine.runner.kv.num_bytes <= budget_bytes, "the engine's pools exceed its budget"
-    return num_blocks
+    return min(seqs, engine.cache.num_blocks // -(-seq_len // block_size))
 
 
 def capacity_rows(name: str, model_dir: Path, budget_bytes: int, seq_len: int, block_size: int) -> list[dict]:
     config = ModelConfig.from_dir(model_dir)
     rows = []
-    for kv_dtype in ("float32", "int8"):
+    for kv_dtype in KV_DTYPES:
         row = {"model": name, **kv_capacity(config, budget_bytes, seq_len, block_size, kv_dtype)}
-        row["engine_num_blocks"] = engine_num_blocks(model_dir, budget_bytes, block_size, kv_dtype)
-        row["engine_max_sequences"] = row["engine_num_blocks"] // row["blocks_per_sequence"]
+        row["engine_max_sequences"] = engine_capacity(model_dir, budget_bytes, block_size, kv_dtype,
+                                                      row["max_sequences"], seq_len)
         rows.append(row)
     for row in rows:
         row["sequences_vs_float32"] = row["max_sequences"] / rows[0]["max_sequences"]
@@ -374,10 +379,8 @@ def print_quality_table(rows: list[dict]) -> None:
             print(f"{format_row_name(row):<18}  cannot store: {row['error']}")
             continue
         print(f"{format_row_name(row):<18}{row['bits_per_weight']:>8.3f}{row['model_bytes'] / 2**20:>11.2f}"
-              f"{row['kv_bytes_per_token']:>10,}{row['bits_per_byte']:>11.4f}{row['bpb_relative_change']:>+9.2%}"
+              f"{row['kv_bytes_per_token']:>10,.0f}{row['bits_per_byte']:>11.4f}{row['bpb_relative_change']:>+9.2%}"
               f"{row['kl_from_f32']:>11.2e}{row['greedy_agreement']:>14.2%}")
-    for name in NOT_IMPLEMENTED:
-        print(f"{name:<18}  not implemented")
     for row in rows:
         if "padded_mlp" in row or "fallback" in row:
             print(f"{format_row_name(row)}: {fit_note(row)}")
@@ -398,13 +401,14 @@ def print_goals(goals: list[dict]) -> None:
 
 def print_capacity(rows: list[dict], budget_bytes: int, seq_len: int, block_size: int) -> None:
     print(f"\nsequences of {seq_len} tokens in a {budget_bytes / 2**20:g} MiB KV cache (blocks of {block_size} "
-          "tokens; 'engine blocks': what an LLMEngine with that budget allocated)")
-    header = (f"{'model':<22}{'KV':>9}{'B/token':>10}{'blocks':>9}{'engine blocks':>15}{'max seqs':>10}"
+          "tokens; KIVI also keeps one float block per sequence; 'engine': the sequences an LLMEngine "
+          "with that budget holds)")
+    header = (f"{'model':<22}{'KV':>7}{'B/token':>9}{'KiB/seq':>9}{'max seqs':>10}{'engine':>8}"
               f"{'seqs x f32':>12}{'tokens x f32':>14}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['model']:<22}{r['kv_cache']:>9}{r['bytes_per_token']:>10,}{r['num_blocks']:>9,}"
-              f"{r['engine_num_blocks']:>15,}{r['max_sequences']:>10,}{r['sequences_vs_float32']:>12.2f}"
+        print(f"{r['model']:<22}{r['kv_cache']:>7}{r['bytes_per_token']:>9,.0f}{r['bytes_per_sequence'] / 1024:>9,.0f}"
+              f"{r['max_sequences']:>10,}{r['engine_max_sequences']:>8,}{r['sequences_vs_float32']:>12.2f}"
               f"{r['tokens_vs_float32']:>14.2f}")
 
 
@@ -454,7 +458,7 @@ def main() -> None:
 
     report = {"benchmark": "quality", "model": shown(args.model), "heldout": source, "windows": len(windows),
               "window_len": window_len, "scored_positions": rows[0].get("scored_positions"),
-              "kl_units": "nats", "not_implemented": list(NOT_IMPLEMENTED), "machine": platform.platform(),
+              "kl_units": "nats", "machine": platform.platform(),
               "args": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows, "goals": goals,
               "kv_capacity": {"budget_bytes": budget, "seq_len": args.seq_len, "block_size": args.block_size,

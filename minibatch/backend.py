@@ -33,6 +33,7 @@ class Backend:
     write_kv: Callable
     cached_attention: Callable
     copy_blocks: Callable
+    kivi_attention: Callable
 
     def asarray(self, array: Any, dtype: Any = None) -> Any:
         """Host array -> this backend's array (a no-op for numpy)."""
@@ -51,12 +52,12 @@ class Backend:
 
 def numpy_backend() -> Backend:
     """The NumPy reference implementation."""
-    from minibatch import attention, layers
+    from minibatch import attention, kivi, layers
 
     return Backend(name="numpy", xp=np, embedding=layers.embedding, rms_norm=layers.rms_norm,
                    linear=layers.linear, swiglu=layers.swiglu, apply_rope=layers.apply_rope,
                    write_kv=attention.write_kv, cached_attention=attention.cached_attention,
-                   copy_blocks=attention.copy_blocks)
+                   copy_blocks=attention.copy_blocks, kivi_attention=kivi.kivi_attention)
 
 
 def get_backend(name: str) -> Backend:

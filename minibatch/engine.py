@@ -19,7 +19,7 @@ import numpy as np
 from minibatch.backend import get_backend
 from minibatch.checkpoint import load_weights
 from minibatch.config import ModelConfig
-from minibatch.kv_cache import PagedKVCache, kv_bytes_per_token
+from minibatch.kv_cache import PagedKVCache, check_kv_cache_dtype, kivi_residual_bytes, kv_bytes_per_block
 from minibatch.metrics import EventLog, RequestRecord, StepRecord
 from minibatch.model import ForwardBatch, ModelRunner, ModelWeights
 from minibatch.outputs import CompletionOutput, RequestMetrics, RequestOutput, TextTracker
@@ -43,14 +43,26 @@ class EngineConfig:
     policy: str = "fcfs"  # "fcfs" | "priority" | "prefill_first"
     enable_prefix_caching: bool = True
     watermark: float = 0.01  # fraction of blocks kept free when admitting
-    kv_cache_dtype: str = "float32"  # "float32" | "int8" (one scale per token and head)
+    kv_cache_dtype: str = "float32"  # "float32" | "int8" (per token and head) | "kivi2" (2-bit KIVI)
+
+    @property
+    def num_residual_rows(self) -> int:
+        """Float residual rows a KIVI cache keeps: one per sequence that can run at once."""
+        return self.max_num_seqs if self.kv_cache_dtype == "kivi2" else 0
 
     def resolve_num_blocks(self, config: ModelConfig) -> int:
-        """Blocks in the pool: as configured, or as many as the memory budget holds, but
-        no more than ``max_num_seqs`` full-context sequences need."""
+        """Blocks in the pool: as configured, or as many as the memory budget holds (after
+        a KIVI cache's residual rows), but no more than ``max_num_seqs`` full-context
+        sequences need."""
         if self.num_blocks is not None:
             return self.num_blocks
-        by_memory = self.kv_cache_memory // (self.block_size * kv_bytes_per_token(config, self.kv_cache_dtype))
+        residual = self.num_residual_rows * kivi_residual_bytes(config, self.block_size)
+        if residual >= self.kv_cache_memory:
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory:,} bytes does not even hold the KIVI residual "
+                             f"rows of {self.max_num_seqs} sequences ({residual:,} bytes): raise it or lower "
+                             "max_num_seqs")
+        per_block = kv_bytes_per_block(config, self.kv_cache_dtype, self.block_size)
+        by_memory = (self.kv_cache_memory - residual) // per_block
         enough = self.max_num_seqs * -(-config.max_model_len // self.block_size) + 1
         return max(1, min(by_memory, enough))
 
@@ -101,6 +113,7 @@ class LLMEngine:
         from minibatch.llm import resolve_model_dir
 
         self.engine_config = engine_config or EngineConfig(**overrides)
+        check_kv_cache_dtype(self.engine_config.kv_cache_dtype)
         if quantization is not None:
             check_scheme(quantization)  # fail before reading any weights
         self.model_dir = resolve_model_dir(model)
@@ -127,8 +140,9 @@ class LLMEngine:
     def reset(self) -> None:
         """A fresh, empty KV cache, scheduler and event log (the weights stay loaded)."""
         cfg = self.engine_config
-        self.cache = PagedKVCache(cfg.resolve_num_blocks(self.config), cfg.block_size, cfg.enable_prefix_caching)
-        self.runner.allocate_kv(self.cache.num_blocks, cfg.block_size)
+        self.cache = PagedKVCache(cfg.resolve_num_blocks(self.config), cfg.block_size, cfg.enable_prefix_caching,
+                                  cfg.num_residual_rows)
+        self.runner.allocate_kv(self.cache.num_blocks, cfg.block_size, max(1, cfg.num_residual_rows))
         self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.policy,
                                    cfg.watermark)
         self.requests: dict[str, RequestState] = {}
@@ -146,6 +160,9 @@ class LLMEngine:
             raise ValueError(f"request id '{request_id}' is already in use")
         text, ids = self.encode_prompt(prompt)
         self._check_fits(len(ids), params)
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} samples run as {params.n} sequences at once, but max_num_seqs is "
+                             f"{self.scheduler.max_num_seqs}: lower n or raise max_num_seqs")
         now = time.perf_counter() if arrival_time is None else arrival_time
         sequence = self._new_sequence(request_id, list(ids), len(ids), params, now, 0, priority)
         record = RequestRecord(request_id, now, len(ids))
@@ -212,6 +229,11 @@ class LLMEngine:
         batch = ForwardBatch.build(entries)
         batch.block_copies = np.array(self.cache.pending_copies, dtype=np.int64).reshape(-1, 2)
         self.cache.pending_copies.clear()
+        if self.cache.num_residual_rows:
+            batch.residual_rows = np.array([self.cache.residual_row[item.sequence.seq_id]
+                                            for item in scheduled.scheduled], dtype=np.int64)
+            batch.row_copies = np.array(self.cache.pending_row_copies, dtype=np.int64).reshape(-1, 2)
+            self.cache.pending_row_copies.clear()
         return batch
 
     # -------------------------------------------------------------- sampling

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from minibatch import kivi
 from minibatch.config import ModelConfig
 
-KV_CACHE_DTYPES = ("float32", "int8")
+KV_CACHE_DTYPES = ("float32", "int8", "kivi2")
 
 
 @dataclass(slots=True)
@@ -32,31 +33,60 @@ class KVStorage:
 
     An ``int8`` cache also keeps one float32 scale per token and head,
     ``k_scale``/``v_scale`` ``[num_blocks, block_size, num_kv_heads]`` per layer.
+    A ``kivi2`` cache (:mod:`minibatch.kivi`) keeps 2-bit codes, four per byte, with
+    scales and zero points (keys per block and channel, values per token and group) and
+    one float32 residual row per sequence for its unfinished last block.
     """
 
     k: list[Any]
     v: list[Any]
     k_scale: list[Any] | None = None
     v_scale: list[Any] | None = None
+    k_zero: list[Any] | None = None
+    v_zero: list[Any] | None = None
+    k_residual: list[Any] | None = None
+    v_residual: list[Any] | None = None
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, xp: Any = np,
-                 kv_cache_dtype: str = "float32") -> KVStorage:
-        """Zeroed pools for every layer, on the array module ``xp`` (numpy or cupy)."""
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype '{kv_cache_dtype}' is not supported: choose one of "
-                             f"{', '.join(KV_CACHE_DTYPES)}")
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+                 kv_cache_dtype: str = "float32", num_residual_rows: int = 0) -> KVStorage:
+        """Zeroed pools for every layer, on the array module ``xp`` (numpy or cupy).
+        ``kivi2`` needs ``num_residual_rows`` >= 1: one per sequence that can run at once."""
+        check_kv_cache_dtype(kv_cache_dtype)
+        heads, dim = config.num_kv_heads, config.head_dim
+        shape = (num_blocks, block_size, heads, dim)
 
         def pools(dtype: Any, pool_shape: tuple[int, ...] = shape) -> list[Any]:
             return [xp.zeros(pool_shape, dtype=dtype) for _ in range(config.num_layers)]
 
         if kv_cache_dtype == "int8":
             return cls(pools(np.int8), pools(np.int8), pools(np.float32, shape[:3]), pools(np.float32, shape[:3]))
+        if kv_cache_dtype == "kivi2":
+            if num_residual_rows < 1:
+                raise ValueError("a kivi2 cache needs num_residual_rows >= 1 (one per running sequence)")
+            if dim % 4:
+                raise ValueError(f"kivi2 packs four 2-bit codes per byte: head_dim {dim} must be a multiple of 4")
+            packed, per_channel = (*shape[:3], dim // 4), (num_blocks, heads, dim)
+            per_token = (*shape[:3], dim // kivi.value_group_size(dim))
+            residual = (num_residual_rows, block_size, heads, dim)
+            return cls(pools(np.uint8, packed), pools(np.uint8, packed), k_scale=pools(np.float32, per_channel),
+                       v_scale=pools(np.float32, per_token), k_zero=pools(np.float32, per_channel),
+                       v_zero=pools(np.float32, per_token), k_residual=pools(np.float32, residual),
+                       v_residual=pools(np.float32, residual))
         return cls(pools(np.float32), pools(np.float32))
 
+    @property
+    def is_kivi(self) -> bool:
+        return self.k_residual is not None
+
     def layer(self, index: int) -> dict[str, Any]:
-        """Layer ``index``'s pools as keyword arguments of ``write_kv``/``cached_attention``."""
+        """Layer ``index``'s pools as keyword arguments of ``write_kv``/``cached_attention``
+        (or, for a ``kivi2`` cache, of ``kivi_attention``)."""
+        if self.is_kivi:
+            names = ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero", "k_residual", "v_residual")
+            pools = (self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero,
+                     self.k_residual, self.v_residual)
+            return {name: pool[index] for name, pool in zip(names, pools, strict=True)}
         quantized = self.k_scale is not None
         return {"k_cache": self.k[index], "v_cache": self.v[index],
                 "k_scale": self.k_scale[index] if quantized else None,
@@ -64,15 +94,49 @@ class KVStorage:
 
     @property
     def num_bytes(self) -> int:
-        scales = (self.k_scale or []) + (self.v_scale or [])
-        return sum(int(a.nbytes) for a in self.k + self.v + scales)
+        extra = [pool for pool in (self.k_scale, self.v_scale, self.k_zero, self.v_zero,
+                                   self.k_residual, self.v_residual) if pool is not None]
+        return sum(int(a.nbytes) for pools in (self.k, self.v, *extra) for a in pools)
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str = "float32") -> int:
-    """Bytes of K and V one token occupies across all layers (int8: values plus one
-    float32 scale per head)."""
-    per_head = config.head_dim * 4 if kv_cache_dtype == "float32" else config.head_dim + 4
-    return 2 * config.num_layers * config.num_kv_heads * per_head
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    """Raise a ``ValueError`` naming the choices for an unknown KV-cache dtype."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype '{kv_cache_dtype}' is not supported: choose one of "
+                         f"{', '.join(KV_CACHE_DTYPES)}")
+
+
+def kv_bytes_per_block(config: ModelConfig, kv_cache_dtype: str = "float32", block_size: int = 16) -> int:
+    """Bytes of K and V one block of ``block_size`` tokens occupies across all layers.
+
+    int8: values plus one float32 scale per token and head. kivi2: 2-bit codes, the keys'
+    float32 scale and zero per channel (one pair per block), the values' per token and
+    group of channels. A kivi2 cache also holds :func:`kivi_residual_bytes` per sequence.
+    """
+    check_kv_cache_dtype(kv_cache_dtype)
+    dim = config.head_dim
+    if kv_cache_dtype == "float32":
+        per_head = block_size * 2 * dim * 4
+    elif kv_cache_dtype == "int8":
+        per_head = block_size * 2 * (dim + 4)
+    else:
+        codes = block_size * 2 * dim // 4
+        key_scales = 2 * 4 * dim
+        value_scales = block_size * 2 * 4 * (dim // kivi.value_group_size(dim))
+        per_head = codes + key_scales + value_scales
+    return config.num_layers * config.num_kv_heads * per_head
+
+
+def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str = "float32", block_size: int = 16) -> float:
+    """Bytes of K and V per cached token across all layers: :func:`kv_bytes_per_block`
+    over ``block_size`` (an integer for float32 and int8, whatever the block size)."""
+    per_token = kv_bytes_per_block(config, kv_cache_dtype, block_size) / block_size
+    return int(per_token) if per_token.is_integer() else per_token
+
+
+def kivi_residual_bytes(config: ModelConfig, block_size: int) -> int:
+    """The float32 residual row one sequence needs in a kivi2 cache (K and V, all layers)."""
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 4
 
 
 class CacheFullError(MemoryError):
@@ -168,9 +232,14 @@ class PagedKVCache:
     The caller (the scheduler) asks before it acts: ``can_allocate`` / ``can_append``,
     then ``allocate`` / ``append_slots``. Copies needed by copy-on-write are queued in
     ``pending_copies`` for the model runner to perform before its next forward.
+
+    With ``num_residual_rows`` > 0 (a KIVI cache, :mod:`minibatch.kivi`) every sequence
+    also owns one residual row, where its unfinished last block waits in float; a fork
+    queues a copy of the parent's row in ``pending_row_copies``.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_residual_rows: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
@@ -187,6 +256,10 @@ class PagedKVCache:
         self._committed: dict[Any, tuple[int, int | None]] = {}  # seq -> (blocks hashed, last hash)
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the runner
         self.counters = CacheCounters()
+        self.num_residual_rows = num_residual_rows
+        self.free_rows = list(range(num_residual_rows - 1, -1, -1))  # a stack: row 0 first
+        self.residual_row: dict[Any, int] = {}  # seq -> its residual row
+        self.pending_row_copies: list[tuple[int, int]] = []  # (src, dst) residual rows for the runner
 
     # ----------------------------------------------------------------- queries
 
@@ -229,6 +302,8 @@ class PagedKVCache:
         """Whether ``allocate(seq, token_ids)`` would succeed leaving ``watermark_blocks`` free.
         ``hits`` is ``cached_prefix(token_ids)`` if the caller has it already (hashing a long
         prompt is not free)."""
+        if self.num_residual_rows and not self.free_rows:
+            return False
         hits = self.cached_prefix(token_ids) if hits is None else hits
         hits_in_free_pool = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         new_blocks = self.blocks_needed(len(token_ids)) - len(hits)
@@ -261,6 +336,8 @@ class PagedKVCache:
         table = hits + [self._take_free() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
         self.tables[seq_id] = table
         self.num_tokens[seq_id] = len(token_ids)
+        if self.num_residual_rows:
+            self.residual_row[seq_id] = self.free_rows.pop()
         return len(hits) * self.block_size
 
     def append_slots(self, seq_id: Any, num_new_tokens: int) -> np.ndarray:
@@ -303,7 +380,14 @@ class PagedKVCache:
         self._committed[seq_id] = (done, parent)
 
     def fork(self, parent_id: Any, child_id: Any) -> None:
-        """The child shares every block of the parent (copy-on-write on the first write)."""
+        """The child shares every block of the parent (copy-on-write on the first write)
+        and, in a KIVI cache, starts from a copy of the parent's residual row."""
+        if self.num_residual_rows:
+            if not self.free_rows:
+                raise CacheFullError(f"no free residual row for sequence {child_id!r}: all "
+                                     f"{self.num_residual_rows} are in use")
+            self.residual_row[child_id] = self.free_rows.pop()
+            self.pending_row_copies.append((self.residual_row[parent_id], self.residual_row[child_id]))
         self.tables[child_id] = list(self.tables[parent_id])
         self.num_tokens[child_id] = self.num_tokens[parent_id]
         if parent_id in self._committed:
@@ -317,6 +401,8 @@ class PagedKVCache:
             self._release(block_id)
         del self.num_tokens[seq_id]
         self._committed.pop(seq_id, None)
+        if seq_id in self.residual_row:
+            self.free_rows.append(self.residual_row.pop(seq_id))
 
     def rewind(self, seq_id: Any, num_tokens: int) -> None:
         """Forget the last ``num_tokens`` tokens of a sequence (e.g. rejected speculative
@@ -324,6 +410,11 @@ class PagedKVCache:
         if not 0 <= num_tokens <= self.num_tokens[seq_id]:
             raise ValueError(f"cannot rewind {num_tokens} of {self.num_tokens[seq_id]} tokens")
         end = self.num_tokens[seq_id] - num_tokens
+        full = self.num_tokens[seq_id] // self.block_size * self.block_size
+        if self.num_residual_rows and end < full and end % self.block_size:
+            raise ValueError(f"cannot rewind to {end} tokens in a KIVI cache: the block holding token {end} "
+                             "is already quantized and its float values are gone; rewind to a block boundary "
+                             f"({end // self.block_size * self.block_size}) or within the last block ({full}+)")
         table = self.tables[seq_id]
         while len(table) > self.blocks_needed(end):
             self._release(table.pop())

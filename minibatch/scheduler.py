@@ -192,6 +192,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @staticmethod
+    def seats(sequence: Sequence) -> int:
+        """Places in the batch a sequence will take: all ``n`` of its samples if it is the
+        first of an ``n > 1`` request that has not forked yet (it forks at its first token)."""
+        will_fork = sequence.sample_index == 0 and sequence.params.n > 1 and not sequence.output_token_ids
+        return sequence.params.n if will_fork else 1
+
+    def num_seats(self) -> int:
+        """Places the running sequences take, counting forks still to come."""
+        return sum(self.seats(sequence) for sequence in self.running)
+
     # ---------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
@@ -248,7 +259,7 @@ class Scheduler:
         """Admit waiting sequences in policy order while they fit; stop at the first that
         does not (no overtaking, so a long prompt cannot starve)."""
         for sequence in sorted(self.waiting, key=self.policy.queue_order):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or self.num_seats() + self.seats(sequence) > self.max_num_seqs:
                 break
             hits = self.cache.cached_prefix(sequence.token_ids)  # hashed once per admission
             if not self.cache.can_allocate(sequence.token_ids, self.watermark_blocks, hits):

@@ -107,6 +107,51 @@ class AllocatorMachine(RuleBasedStateMachine):
 TestAllocator = AllocatorMachine.TestCase
 
 
+class ResidualRowMachine(AllocatorMachine):
+    """The same operations on a KIVI cache, where each sequence also owns a residual row:
+    rows are never shared or leaked, a fork without a free row changes nothing, and a
+    rewind that would reopen a quantized block is refused and changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = PagedKVCache(num_blocks=12, block_size=3, num_residual_rows=4)
+
+    @precondition(lambda self: self.contents)
+    @rule(data=st.data())
+    def fork(self, data):
+        if self.cache.free_rows:
+            super().fork(data)
+            return
+        parent = data.draw(st.sampled_from(sorted(self.contents)))
+        tables, copies = {seq: list(table) for seq, table in self.cache.tables.items()}, len(self.cache.pending_row_copies)
+        with pytest.raises(MemoryError):
+            self.cache.fork(parent, self.next_id)
+        assert self.cache.tables == tables and len(self.cache.pending_row_copies) == copies
+
+    @precondition(lambda self: self.contents)
+    @rule(data=st.data())
+    def rewind(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.contents)))
+        n = data.draw(st.integers(0, len(self.contents[seq])))
+        end, full = len(self.contents[seq]) - n, len(self.contents[seq]) // 3 * 3
+        if end < full and end % 3:
+            with pytest.raises(ValueError, match="quantized"):
+                self.cache.rewind(seq, n)
+            return
+        self.cache.rewind(seq, n)
+        self.contents[seq] = self.contents[seq][:end]
+
+    @invariant()
+    def every_row_is_free_or_owned_once(self):
+        owned = list(self.cache.residual_row.values())
+        assert len(set(owned)) == len(owned) and not set(owned) & set(self.cache.free_rows)
+        assert sorted(owned + self.cache.free_rows) == list(range(4))
+        assert set(self.cache.residual_row) == set(self.cache.tables)
+
+
+TestResidualRows = ResidualRowMachine.TestCase
+
+
 def test_prefix_hit_reuses_blocks_and_leaves_the_last_token():
     cache = PagedKVCache(num_blocks=8, block_size=2)
     prompt = [1, 2, 3, 4, 5, 6]
