@@ -11,10 +11,10 @@ def gpu_backend() -> Backend:
 
     Raises ``ImportError`` with the install command when CuPy is missing in device mode.
     """
-    from minibatch_gpu import attention, layers
+    from minibatch_gpu import attention, kivi, layers
     from minibatch_gpu.device import array_module
 
     return Backend(name="gpu", xp=array_module(), embedding=layers.embedding, rms_norm=layers.rms_norm,
                    linear=layers.linear, swiglu=layers.swiglu, apply_rope=layers.apply_rope,
                    write_kv=attention.write_kv, cached_attention=attention.cached_attention,
-                   copy_blocks=attention.copy_blocks)
+                   copy_blocks=attention.copy_blocks, kivi_attention=kivi.kivi_attention)

@@ -12,8 +12,17 @@ from hypothesis import strategies as st
 from minibatch import SamplingParams
 from minibatch.attention import causal_attention
 from minibatch.engine import EngineConfig, LLMEngine
-from minibatch.kivi import (dequantize_keys, dequantize_values, kivi_attention, pack_2bit, quantize_2bit,
-                            quantize_key_block, quantize_values, unpack_2bit, value_group_size)
+from minibatch.kivi import (
+    dequantize_keys,
+    dequantize_values,
+    kivi_attention,
+    pack_2bit,
+    quantize_2bit,
+    quantize_key_block,
+    quantize_values,
+    unpack_2bit,
+    value_group_size,
+)
 from minibatch.kv_cache import KVStorage, PagedKVCache, kivi_residual_bytes, kv_bytes_per_block
 from tests.helpers import FIXTURES
 

@@ -123,7 +123,8 @@ class ResidualRowMachine(AllocatorMachine):
             super().fork(data)
             return
         parent = data.draw(st.sampled_from(sorted(self.contents)))
-        tables, copies = {seq: list(table) for seq, table in self.cache.tables.items()}, len(self.cache.pending_row_copies)
+        tables = {seq: list(table) for seq, table in self.cache.tables.items()}
+        copies = len(self.cache.pending_row_copies)
         with pytest.raises(MemoryError):
             self.cache.fork(parent, self.next_id)
         assert self.cache.tables == tables and len(self.cache.pending_row_copies) == copies

@@ -52,6 +52,16 @@ def test_logits_match(llms):
     assert relative_error(got, expected) < TOLERANCE
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "q4_0"])
+def test_quantized_logits_match(tmp_path, scheme):
+    """Quantized q/k/v (with Qwen2's biases) and gate/up, each stacked into one matrix,
+    through the GPU's dequantizing kernels: the tiled one (9 tokens) and the GEMV (3 tokens)."""
+    model = write_tiny_model(tmp_path, seed=7, intermediate_size=64, **MODELS["qwen2"])  # inputs of 32 and 64
+    numpy_llm, gpu_llm = LLM(model, quantization=scheme), LLM(model, backend="gpu", quantization=scheme)
+    for token_ids in (PROMPTS[1], PROMPTS[0][:3]):
+        assert relative_error(gpu_llm.logits(token_ids), numpy_llm.logits(token_ids)) < TOLERANCE
+
+
 def test_greedy_generation_gives_the_same_tokens(llms):
     """Two prompts decoded together in one ragged batch: prefill, then decode steps."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -83,7 +93,7 @@ def run_engine(engine, requests) -> dict[str, list[list[int]]]:
     return done
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "int8", "kivi2"])
 def test_engine_mixed_workload_matches_numpy(model_dir, kv_cache_dtype):
     """The engine unchanged on the GPU backend: chunked prefill beside decodes, a shared
     prefix (prefix-cache hits), n=2 samples (fork and copy-on-write) and a pool small
