@@ -321,10 +321,11 @@ def kv_capacity(config: ModelConfig, budget_bytes: int, seq_len: int, block_size
     per_block = kv_bytes_per_block(config, kv_cache_dtype, block_size)
     blocks_per_seq = -(-seq_len // block_size)
     residual = kivi_residual_bytes(config, block_size) if kv_cache_dtype == "kivi2" else 0
+    max_sequences = budget_bytes // (blocks_per_seq * per_block + residual)
     return {"kv_cache": kv_cache_dtype, "bytes_per_token": per_block / block_size,
-            "bytes_per_sequence": blocks_per_seq * per_block + residual, "num_blocks": budget_bytes // per_block,
-            "blocks_per_sequence": blocks_per_seq,
-            "max_sequences": budget_bytes // (blocks_per_seq * per_block + residual)}
+            "bytes_per_sequence": blocks_per_seq * per_block + residual, "blocks_per_sequence": blocks_per_seq,
+            "num_blocks": (budget_bytes - max_sequences * residual) // per_block,  # after the residual rows
+            "max_sequences": max_sequences}
 
 
 def engine_capacity(model_dir: Path, budget_bytes: int, block_size: int, kv_cache_dtype: str, seqs: int,

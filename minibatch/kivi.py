@@ -21,12 +21,16 @@ Storage, per layer (``Hkv`` KV heads, ``D`` head dim, four 2-bit codes per byte,
 * ``v_scale``, ``v_zero``: float32 ``[num_blocks, block_size, Hkv, D // G]`` (per token and group)
 * ``k_residual``, ``v_residual``: float32 ``[num_rows, block_size, Hkv, D]``
 
-What a query sees does not depend on how its sequence was split into steps: the query at
-position ``p`` reads every block before its own quantized and its own block's tokens in
-float, exactly as if the sequence had been decoded one token at a time. So a request's
-output is the same alone, in any batch and under any prefill chunking.
+Which values a query reads does not depend on how its sequence was split into steps: the
+query at position ``p`` reads every block before its own quantized and its own block's
+tokens in float, exactly as if the sequence had been decoded one token at a time. (The
+paper's reference code instead lets a prompt attend to itself in float, so a prompt's
+output would change with how chunked prefill cuts it, that is, with its batch-mates.)
+The K/V values themselves come out of matmuls whose last bit may depend on the batch's
+shape, as with any cache; a 2-bit code sitting exactly at a rounding boundary can then
+flip, so invariance is exact in the rule and holds to float rounding in the numbers.
 
-Each public function has a GPU twin of the same name in ``minibatch_gpu/kivi.py``.
+:func:`kivi_attention` has a GPU twin of the same name in ``minibatch_gpu/kivi.py``.
 """
 
 from __future__ import annotations
