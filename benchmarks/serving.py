@@ -1,28 +1,32 @@
-"""Why continuous batching and paged KV matter, measured in one run on one workload.
+"""Why continuous batching and paged KV matter, measured side by side in one run.
 
 Three ways to serve the same synthetic workload (``benchmarks/workload.py``: varied
 prompt lengths, long-tailed output lengths, greedy, ``ignore_eos``), side by side:
 
 * **static batching**, the way Hugging Face ``generate`` serves: take the next
-  ``max_num_seqs`` requests, prefill them, decode *all* of them every step until the
-  longest is done (finished rows keep computing padding), only then start the next batch.
-  It runs on a contiguous KV cache of max-length rows (``ContiguousKVCache`` and the
-  engine's ``ModelRunner``, no engine);
+  ``max_num_seqs`` requests, left-pad their prompts to the longest and prefill them,
+  decode *all* of them every step until the longest is done (finished rows keep computing
+  padding), only then start the next batch. It runs on a contiguous KV cache of
+  max-length rows (``ContiguousKVCache`` and the engine's ``ModelRunner``, no engine);
 * **continuous batching** (Orca): ``LLMEngine`` with ``policy="prefill_first"``: a finished
   sequence's slot is refilled at the next step, but whole prompts run alone and stall the
   decodes;
 * **continuous batching with chunked prefill** (Sarathi-Serve): ``LLMEngine`` with
   ``policy="fcfs"``: decodes first, prompt chunks fill the rest of the token budget.
 
-The paged engines get exactly the KV memory the static batcher's contiguous cache has.
-Then, at that same memory, how many sequences fit and how much of the allocated KV holds
-no token (contiguous max-length rows vs paged blocks), and how decode throughput scales
-with batch size on a SmolLM2-135M-shaped checkpoint (decode is memory-bound, so a batch
-of 32 costs little more than a batch of 1).
+The paged engines get exactly the KV memory the static batcher's contiguous cache has,
+and all three the same ``max_num_seqs``. Then, at that same memory, how many sequences
+fit and how much of the allocated KV holds no token (contiguous max-length rows vs paged
+blocks). The three systems run again on the same prompts with heavy-tailed answer
+lengths (the ``chat`` preset), and a table gives the continuous/static ratio on both
+workloads beside the most a continuous batcher could gain on each. Last, how decode
+throughput scales with batch size on a SmolLM2-135M-shaped checkpoint (at batch 1 decode
+is memory-bound, so more sequences per step come cheap until arithmetic takes over),
+and where a step's time goes at each batch size.
 
     python benchmarks/serving.py [--model DIR] [--num-requests 32] [--arrival offline|poisson]
         [--rate R] [--max-num-seqs 8] [--max-num-batched-tokens 64] [--block-size 16]
-        [--quick] [--skip-135m] [--backend numpy|gpu]
+        [--chat-output MEDIAN CAP] [--quick] [--skip-chat] [--skip-135m] [--backend numpy|gpu]
 
 It prints tables, writes ``benchmarks/results/serving.json`` and ``serving_*.png``.
 Latencies come from the engine's ``EventLog`` (TTFT, TPOT as in DistServe). The machine
@@ -33,18 +37,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from decode import measure_gemv_bandwidth, weight_bytes_per_step, write_smollm2_shaped
-from workload import LengthDistribution, Request, Workload, describe
+from workload import PRESETS, LengthDistribution, Request, Workload, chat_output_len, describe
 
 from minibatch.backend import get_backend
 from minibatch.checkpoint import load_weights
@@ -58,6 +63,7 @@ from minibatch.sampling import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 STATIC, PREFILL_FIRST, CHUNKED = "static", "continuous", "continuous_chunked"
+PAD_TOKEN = 0  # what static batching left-pads prompts with (computed, never attended to)
 LABELS = {STATIC: "static batching", PREFILL_FIRST: "continuous (prefill-first)",
           CHUNKED: "continuous + chunked prefill"}
 POLICIES = {PREFILL_FIRST: "prefill_first", CHUNKED: "fcfs"}
@@ -202,6 +208,12 @@ class StaticBatch:
     def longest(self) -> int:
         return max(r.max_tokens for r in self.requests)
 
+    @property
+    def prompt_padding(self) -> int:
+        """Pad tokens that left-padding every prompt to the longest adds to the prefill."""
+        lengths = [len(r.prompt_token_ids) for r in self.requests]
+        return len(lengths) * max(lengths) - sum(lengths)
+
     def live_slots(self, step: int) -> int:
         """Slots holding a real token after decode step ``step`` (0 = the prefill): a row
         holds its prompt and ``step`` generated tokens, of which ``max_tokens - 1`` are real
@@ -240,8 +252,8 @@ def run_static(runner: ModelRunner, requests: list[Request], setup: ServingSetup
 
 def run_static_batch(runner: ModelRunner, cache: ContiguousKVCache, kv: Any, batch: StaticBatch,
                      log: EventLog, samples: list[KVSample], num_waiting: int) -> None:
-    """Prefill every prompt of the batch in one forward, then decode every row each step
-    until the longest output is done; free the rows."""
+    """Prefill every prompt of the batch in one forward (left-padded to the longest), then
+    decode every row each step until the longest output is done; free the rows."""
     for request in batch.requests:
         cache.allocate(request.request_id)
         batch.tokens[request.request_id] = []
@@ -249,7 +261,12 @@ def run_static_batch(runner: ModelRunner, cache: ContiguousKVCache, kv: Any, bat
         step_start = time.perf_counter()
         entries = [static_entry(cache, request, batch.tokens[request.request_id], step)
                    for request in batch.requests]
-        logits = runner.run(ForwardBatch.build(entries), kv)
+        if step == 0:
+            forward_batch = ForwardBatch.build(entries + prompt_padding(cache, batch.requests))
+            forward_batch.logits_indices = forward_batch.logits_indices[:len(entries)]  # no logits for padding
+        else:
+            forward_batch = ForwardBatch.build(entries)
+        logits = runner.run(forward_batch, kv)
         now = time.perf_counter()
         real = 0
         for row, request in enumerate(batch.requests):
@@ -258,8 +275,9 @@ def run_static_batch(runner: ModelRunner, cache: ContiguousKVCache, kv: Any, bat
                 log.requests[request.request_id].token_times.append(now)
                 real += 1
         log_static_step(log, step_start, batch, step, real, num_waiting, cache)
+        padding = batch.prompt_padding if step == 0 else len(batch.requests) - real
         samples.append(KVSample(len(batch.requests), batch.live_slots(step), len(batch.requests) * cache.max_len,
-                                padding_tokens=len(batch.requests) - real))
+                                padding_tokens=padding))
     end = time.perf_counter()
     for request in batch.requests:
         log.requests[request.request_id].finished_time = end
@@ -273,6 +291,26 @@ def static_entry(cache: ContiguousKVCache, request: Request, generated: list[int
     new, position = (prompt, 0) if step == 0 else ([generated[-1]], len(prompt) + step - 1)
     slots = cache.slot_mapping(request.request_id, np.arange(position, position + len(new)))
     return new, position, cache.block_table(request.request_id), slots
+
+
+def prompt_padding(cache: ContiguousKVCache, requests: list[Request]) -> list[tuple[list[int], int, list[int],
+                                                                                  np.ndarray]]:
+    """The left-padding of a static prefill, as extra rows of pad tokens to compute.
+
+    ``generate`` pads every prompt to the batch's longest and runs the padded ``[B, T]``
+    block, masking the pads out of attention: the pads cost a full token's work each
+    (projections, MLP, attention) and change no real token. Here a row's pads run as a
+    separate sequence placed right after its prompt, so they attend over ``T`` slots as a
+    padded row's last queries would, and write their K/V into slots the row's own decode
+    overwrites before it ever reads them; no logits are taken for them. (Decode attention
+    over the pads, which ``generate`` also pays, is not reproduced: a small favour to
+    static batching.)
+    """
+    longest = max(len(r.prompt_token_ids) for r in requests)
+    return [([PAD_TOKEN] * (longest - len(r.prompt_token_ids)), len(r.prompt_token_ids),
+             cache.block_table(r.request_id),
+             cache.slot_mapping(r.request_id, np.arange(len(r.prompt_token_ids), longest)))
+            for r in requests if len(r.prompt_token_ids) < longest]
 
 
 def log_static_step(log: EventLog, start: float, batch: StaticBatch, step: int, real: int, num_waiting: int,
@@ -310,6 +348,10 @@ def summarize(result: RunResult, requests: list[Request]) -> dict[str, Any]:
         "preemptions": int(latency["preemptions"]),
         "prefill_tokens_computed": sum(s.num_prefill_tokens for s in log.steps),
         "padding_tokens_computed": sum(s.padding_tokens for s in samples),
+        "prompt_padding_tokens_computed": sum(sample.padding_tokens for sample, step in zip(samples, log.steps,
+                                                                                           strict=True)
+                                              if step.num_prefill_seqs),
+        "row_steps_per_output_token": sum(s.num_running for s in log.steps) / output_tokens,
         "peak_running": max(s.num_running for s in log.steps),
         "mean_running": statistics.fmean(s.num_running for s in log.steps),
         "kv_utilisation_mean": statistics.fmean(s.blocks_used / (s.blocks_used + s.blocks_free) for s in log.steps),
@@ -374,35 +416,46 @@ def memory_report(setup: ServingSetup, config: ModelConfig, static: RunResult, c
 
 
 def decode_scaling(model_dir: Path, backend: str, batch_sizes: list[int], prompt_len: int, steps: int,
-                   gemv_size: int = 8192) -> dict[str, Any]:
+                   rounds: int = 3, gemv_size: int = 8192) -> dict[str, Any]:
     """Tokens/s of pure decode steps at each batch size (prefill excluded), beside the
-    memory roofline ``batch * bandwidth / weight bytes per step``.
+    memory roofline ``batch * bandwidth / weight bytes per step``, and where a step's time
+    goes.
 
     All sequences are prefilled once; each batch size then decodes its first ``batch``
-    sequences from the end of the prompt, overwriting the same cache positions.
+    sequences from the end of the prompt, overwriting the same cache positions. The batch
+    sizes take turns, ``rounds`` times (1, 2, ..., 32, 1, 2, ...), so that load from
+    elsewhere on the machine falls on all of them alike; each turn starts with one untimed
+    warm-up step, and a batch size's time is the median of its ``rounds * steps`` steps.
+    A last turn per batch size times each backend function (:func:`time_phases`).
     """
     config = ModelConfig.from_dir(model_dir)
     runner = ModelRunner(config, load_weights(model_dir, config), get_backend(backend))
     size = max(batch_sizes)
-    cache = ContiguousKVCache(size, prompt_len + steps)
+    cache = ContiguousKVCache(size, prompt_len + steps + 1)
     kv = runner.new_kv(cache.num_blocks, cache.block_size)
     prompts = np.random.default_rng(1).integers(3, min(config.vocab_size, 256), (size, prompt_len)).tolist()
     for seq in range(size):
         cache.allocate(seq)
     entries = [(prompts[s], 0, cache.block_table(s), cache.slot_mapping(s, np.arange(prompt_len))) for s in range(size)]
     first = np.argmax(runner.run(ForwardBatch.build(entries), kv), axis=-1).tolist()
-    rows = []
-    for batch in batch_sizes:
-        times = time_decode_steps(runner, cache, kv, first[:batch], prompt_len, steps)
-        rows.append({"batch_size": batch, "step_s": statistics.median(times),
-                     "tokens_per_s": batch / statistics.median(times)})
+    times: dict[int, list[float]] = {batch: [] for batch in batch_sizes}
+    for _ in range(rounds):
+        for batch in batch_sizes:
+            times[batch] += time_decode_steps(runner, cache, kv, first[:batch], prompt_len, steps + 1)[1:]
+    rows = [{"batch_size": batch, "step_s": statistics.median(times[batch]),
+             "tokens_per_s": batch / statistics.median(times[batch]),
+             "phases_s": time_phases(runner, cache, kv, first[:batch], prompt_len, steps)} for batch in batch_sizes]
     bandwidth = measure_gemv_bandwidth(backend, gemv_size, gemv_size)
     step_bytes = weight_bytes_per_step(runner.weights, config.tie_word_embeddings)
     for row in rows:
         row["speedup_vs_batch_1"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
         row["roofline_tokens_per_s"] = row["batch_size"] * bandwidth / step_bytes
+        # every float32 weight read is one multiply-add per sequence: 2 FLOPs per 4 bytes
+        gemm = row["phases_s"]["projections"] + row["phases_s"]["lm_head"]
+        row["gemm_flops_per_s"] = row["batch_size"] * step_bytes / 2 / gemm if gemm else None
     return {"model": str(model_dir.name), "parameters": config.num_parameters, "prompt_len": prompt_len,
-            "decode_steps": steps, "gemv_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_step": step_bytes,
+            "decode_steps": steps, "rounds": rounds, "gemv_bandwidth_bytes_per_s": bandwidth,
+            "weight_bytes_per_step": step_bytes,
             "rows": rows, "ratio_largest_vs_1": rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
 
 
@@ -411,14 +464,72 @@ def time_decode_steps(runner: ModelRunner, cache: ContiguousKVCache, kv: Any, to
     """Seconds of each of ``steps`` greedy decode steps of sequences ``0..len(tokens)-1``."""
     times = []
     for step in range(steps):
-        position = prompt_len + step
-        entries = [([token], position, cache.block_table(s), cache.slot_mapping(s, np.array([position])))
-                   for s, token in enumerate(tokens)]
+        batch = decode_batch(cache, tokens, prompt_len + step)
         start = time.perf_counter()
-        logits = runner.run(ForwardBatch.build(entries), kv)  # host logits: a whole step
+        logits = runner.run(batch, kv)  # host logits: a whole step
         times.append(time.perf_counter() - start)
         tokens = np.argmax(logits, axis=-1).tolist()
     return times
+
+
+def decode_batch(cache: ContiguousKVCache, tokens: list[int], position: int) -> ForwardBatch:
+    """One decode step of sequences ``0..len(tokens)-1``, all at ``position``."""
+    return ForwardBatch.build([([token], position, cache.block_table(s), cache.slot_mapping(s, np.array([position])))
+                               for s, token in enumerate(tokens)])
+
+
+PHASES = ("projections", "lm_head", "attention", "elementwise", "python", "batch_and_sampling")
+PHASE_LABELS = dict(zip(PHASES, ("projections", "LM head", "attention", "elementwise", "python", "batch+argmax"),
+                        strict=True))
+
+
+def time_phases(runner: ModelRunner, cache: ContiguousKVCache, kv: Any, tokens: list[int], prompt_len: int,
+                steps: int) -> dict[str, float]:
+    """Median seconds per decode step in each phase, from ``steps`` steps (after a warm-up)
+    with every backend function timed:
+
+    * ``projections``: the linear layers of the decoder blocks (GEMMs);
+    * ``lm_head``: the final linear layer to vocabulary logits;
+    * ``attention``: writing K/V into the cache and attending over it;
+    * ``elementwise``: everything else the backend does (norms, RoPE, SwiGLU, embedding);
+    * ``python``: the rest of ``ModelRunner.run`` (the layer loop, host/device copies);
+    * ``batch_and_sampling``: building the ``ForwardBatch`` and the greedy argmax.
+    """
+    ops = runner.backend
+    spent: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    def timed(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            ops.synchronize()
+            phase = ("lm_head" if args[1] is runner.weights.lm_head else "projections") if name == "linear" \
+                else "attention" if "attention" in name or name in ("write_kv", "copy_blocks") else "elementwise"
+            spent[phase] += time.perf_counter() - start
+            return result
+        return call
+
+    functions = {f.name: timed(f.name, getattr(ops, f.name)) for f in fields(ops)
+                 if callable(getattr(ops, f.name)) and f.name not in ("xp", "name")}
+    runner.backend = replace(ops, **functions)
+    per_step: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    try:
+        for step in range(steps + 1):
+            spent.update(dict.fromkeys(PHASES, 0.0))
+            start = time.perf_counter()
+            batch = decode_batch(cache, tokens, prompt_len + step)
+            built = time.perf_counter()
+            logits = runner.run(batch, kv)
+            ran = time.perf_counter()
+            tokens = np.argmax(logits, axis=-1).tolist()
+            spent["python"] = (ran - built) - sum(spent[p] for p in PHASES[:4])
+            spent["batch_and_sampling"] = (built - start) + (time.perf_counter() - ran)
+            if step:  # the first is a warm-up
+                for phase in PHASES:
+                    per_step[phase].append(spent[phase])
+    finally:
+        runner.backend = ops
+    return {phase: statistics.median(values) for phase, values in per_step.items()}
 
 
 # ---------------------------------------------------------------------------- printing
@@ -451,6 +562,25 @@ def print_ratios(ratios: dict[str, dict[str, float | None]], summaries: dict[str
     print("(throughput: higher is better; latencies and steps: lower is better)")
 
 
+def print_by_workload(by_workload: dict[str, dict[str, Any]], max_num_seqs: int) -> None:
+    print(f"\ncontinuous vs static batching by output-length distribution (same run, same prompts, max_num_seqs "
+          f"{max_num_seqs}); goal: continuous >= 3x static")
+    header = (f"{'workload':<10}{'output length':<30}{'p50':>5}{'mean':>6}{'p90':>5}{'max':>5}{'static rows':>12}"
+              f"{'prefill-first':>15}{'chunked':>9}{'(CPU time)':>17}")
+    print(header + "\n" + "-" * len(header))
+    for name, w in by_workload.items():
+        dist = w["output_len"]
+        shape = (f"{dist['kind']} {dist['low']}..{dist['high']}" if dist["median"] is None
+                 else f"lognormal p50 {dist['median']:g} s {dist['sigma']:g} cap {dist['high']}")
+        wall, cpu = w["ratio_to_static"], w["cpu_ratio_to_static"]
+        print(f"{name:<10}{shape:<30}{w['output_len_p50']:>5.0f}{w['output_len_mean']:>6.0f}{w['output_len_p90']:>5.0f}"
+              f"{w['output_len_max']:>5}{w['static_rows_per_output_token']:>11.2f}x{wall[PREFILL_FIRST]:>14.2f}x"
+              f"{wall[CHUNKED]:>8.2f}x{cpu[PREFILL_FIRST]:>8.2f}x /{cpu[CHUNKED]:>6.2f}x")
+    print("(output tokens per second, and per CPU-second, over static batching's; static rows = the rows static "
+          "batching computed\n per wanted token, about E[max of B outputs] / E[output]: the gain of a continuous "
+          "batcher that wasted no step)")
+
+
 def print_memory(memory: dict[str, Any], bound: dict[str, Any], static: dict[str, Any]) -> None:
     print(f"\nKV memory {memory['kv_bytes'] / 2**20:.1f} MiB = {memory['kv_slots']} token slots "
           f"= {memory['num_blocks']} blocks of {memory['block_size']}")
@@ -471,15 +601,24 @@ def print_memory(memory: dict[str, Any], bound: dict[str, Any], static: dict[str
 
 
 def print_scaling(scaling: dict[str, Any]) -> None:
-    print(f"\ndecode scaling, {scaling['model']} ({scaling['parameters'] / 1e6:.1f}M parameters), "
-          f"{scaling['decode_steps']} steps after a {scaling['prompt_len']}-token prompt")
-    header = f"{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'vs 1':>7}{'roofline':>10}"
+    print(f"\ndecode scaling, {scaling['model']} ({scaling['parameters'] / 1e6:.1f}M parameters), medians of "
+          f"{scaling['rounds']} x {scaling['decode_steps']} steps after a {scaling['prompt_len']}-token prompt")
+    header = f"{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'vs 1':>7}{'roofline':>10}{'GEMM GFLOP/s':>14}"
     print(header + "\n" + "-" * len(header))
     for row in scaling["rows"]:
+        flops = row["gemm_flops_per_s"]
         print(f"{row['batch_size']:>6}{row['step_s'] * 1e3:>10.1f}{row['tokens_per_s']:>10.1f}"
-              f"{row['speedup_vs_batch_1']:>6.1f}x{row['roofline_tokens_per_s']:>10.0f}")
+              f"{row['speedup_vs_batch_1']:>6.1f}x{row['roofline_tokens_per_s']:>10.0f}"
+              f"{'-' if flops is None else f'{flops / 1e9:.1f}':>14}")
     print(f"(roofline = batch x {scaling['gemv_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured GEMV bandwidth "
-          f"/ {scaling['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step)")
+          f"/ {scaling['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step: the memory bound, which a CPU "
+          "leaves for the compute bound as the batch grows; GEMM GFLOP/s = the rate the linear layers ran at)")
+    header = f"{'where a step goes (ms)':<24}" + "".join(f"{PHASE_LABELS[p]:>13}" for p in PHASES) + f"{'total':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in scaling["rows"]:
+        phases = row["phases_s"]
+        print(f"{'batch ' + str(row['batch_size']):<24}" + "".join(f"{phases[p] * 1e3:>13.1f}" for p in PHASES)
+              + f"{sum(phases.values()) * 1e3:>9.1f}")
 
 
 # ------------------------------------------------------------------------------- plots
@@ -595,10 +734,13 @@ def save(plt: Any, fig: Any, path: Path) -> Path:
 # -------------------------------------------------------------------------------- main
 
 
-FULL = {"num_requests": 32, "input_len": (64, 256), "output_len": (16, 512), "scaling_steps": 8,
-        "scaling_batches": [1, 2, 4, 8, 16, 32]}
-QUICK = {"num_requests": 12, "input_len": (8, 48), "output_len": (4, 96), "scaling_steps": 3,
-         "scaling_batches": [1, 2, 4, 8]}
+VARIED, CHAT = PRESETS["varied"], PRESETS["chat"]
+FULL = {"num_requests": 32, "input_len": (VARIED.input_len.low, VARIED.input_len.high),
+        "output_len": (VARIED.output_len.low, VARIED.output_len.high),
+        "chat_output": (int(CHAT.output_len.median), CHAT.output_len.high),
+        "scaling_steps": 8, "scaling_rounds": 3, "scaling_batches": [1, 2, 4, 8, 16, 32]}
+QUICK = {"num_requests": 12, "input_len": (8, 48), "output_len": (4, 96), "chat_output": (25, 96),
+         "scaling_steps": 3, "scaling_rounds": 1, "scaling_batches": [1, 2, 4, 8]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -613,6 +755,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-dist", default="uniform", choices=["fixed", "uniform", "lognormal"])
     parser.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="max_tokens")
     parser.add_argument("--output-dist", default="lognormal", choices=["fixed", "uniform", "lognormal"])
+    parser.add_argument("--chat-output", type=int, nargs=2, metavar=("MEDIAN", "CAP"),
+                        help="answer lengths of the second, heavy-tailed workload: a lognormal (sigma 1) with this "
+                        f"median, cut at CAP (default {FULL['chat_output'][0]} {FULL['chat_output'][1]}, "
+                        f"{QUICK['chat_output'][0]} {QUICK['chat_output'][1]} with --quick)")
+    parser.add_argument("--skip-chat", action="store_true", help="compare on the first workload only")
     parser.add_argument("--shared-prefix-fraction", type=float, default=0.0)
     parser.add_argument("--shared-prefix-len", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -626,7 +773,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for key in ("num_requests", "input_len", "output_len"):
+    for key in ("num_requests", "input_len", "output_len", "chat_output"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     return args
@@ -640,7 +787,14 @@ def workload_from(args: argparse.Namespace) -> Workload:
                     seed=args.seed)
 
 
-def check_model(model: Path, workload: Workload) -> ModelConfig:
+def chat_workload_from(args: argparse.Namespace, workload: Workload) -> Workload:
+    """The first workload with heavy-tailed answers: the same prompts and arrivals (each
+    aspect draws from its own stream of the seed), only the output lengths differ."""
+    return replace(workload, output_len=chat_output_len(*args.chat_output))
+
+
+def check_model(model: Path, workload: Workload, fix: str = "lower --input-len / --output-len / "
+                "--shared-prefix-len") -> ModelConfig:
     """The model's config; fails with what to do when it is missing or too short."""
     if not (model / "config.json").is_file():
         raise SystemExit(f"no checkpoint at {model} (the embedded model may not be trained yet): "
@@ -648,7 +802,7 @@ def check_model(model: Path, workload: Workload) -> ModelConfig:
     config = ModelConfig.from_dir(model)
     if workload.max_seq_len > config.max_model_len:
         raise SystemExit(f"the workload's longest prompt + output ({workload.max_seq_len} tokens) exceeds the model's "
-                         f"context ({config.max_model_len}): lower --input-len / --output-len / --shared-prefix-len")
+                         f"context ({config.max_model_len}): {fix}")
     return config
 
 
@@ -678,10 +832,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     workload = workload_from(args)
     config = check_model(args.model, workload)
+    chat = None if args.skip_chat else chat_workload_from(args, workload)
+    if chat is not None:
+        check_model(args.model, chat, fix="lower --chat-output CAP or --input-len, or pass --skip-chat")
     requests = workload.generate()
     setup = setup_for(requests, args.max_num_seqs, args.max_num_batched_tokens, args.block_size)
     print(f"model {args.model} ({config.num_parameters / 1e6:.1f}M parameters), backend {args.backend}")
-    print(f"workload: {json.dumps(describe(requests))}")
+    print(f"workload 'varied': {json.dumps(describe(requests))}")
 
     results = compare_systems(args.model, args.backend, requests, setup, verbose=True)
     summaries = {name: summarize(result, requests) for name, result in results.items()}
@@ -698,16 +855,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_ratios(ratios, summaries)
     print_memory(memory, bound_summary, summaries[STATIC])
 
+    by_workload = {"varied": output_length_report(workload, requests, summaries)}
+    if chat is not None:
+        by_workload["chat"] = compare_on(chat, args, "chat")
+    print_by_workload(by_workload, setup.max_num_seqs)
+
     scaling = run_scaling(args)
     if scaling is not None:
         print_scaling(scaling)
 
     report = {"benchmark": "serving", "backend": args.backend, "model": str(args.model),
-              "machine": platform.platform(), "processor": platform.processor(),
+              "machine": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+              "threads": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "workload": describe(requests), "setup": {**vars_of(setup), "kv_slots": setup.kv_slots,
                                                         "num_blocks": setup.num_blocks},
-              "systems": summaries, "ratios_to_static": ratios,
+              "systems": summaries, "ratios_to_static": ratios, "by_output_lengths": by_workload,
               "paged_memory_bound": bound_summary, "memory": memory, "decode_scaling": scaling}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "serving.json"
@@ -719,6 +882,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def compare_on(workload: Workload, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The three systems on a second workload, with the same settings (its own KV memory:
+    contiguous rows as long as its own longest prompt + output)."""
+    requests = workload.generate()
+    print(f"\nworkload '{name}': {json.dumps(describe(requests))}")
+    setup = setup_for(requests, args.max_num_seqs, args.max_num_batched_tokens, args.block_size)
+    results = compare_systems(args.model, args.backend, requests, setup, verbose=True)
+    return output_length_report(workload, requests, {n: summarize(r, requests) for n, r in results.items()})
+
+
+def output_length_report(workload: Workload, requests: list[Request],
+                         summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One workload's output lengths and each system's throughput against static batching.
+
+    ``static_rows_per_output_token`` is the rows static batching computed per token that
+    was asked for: each batch runs ``B`` rows for as many steps as its longest output, so
+    this is ``sum(B * longest) / sum(outputs)``, about ``E[max of B outputs] / E[output]``,
+    the gain a continuous batcher that wasted no row and no step would have.
+    """
+    outputs = np.array([r.max_tokens for r in requests])
+    return {"output_len": {name: getattr(workload.output_len, name) for name in workload.output_len.__slots__},
+            "output_len_p50": float(np.median(outputs)), "output_len_mean": float(outputs.mean()),
+            "output_len_p90": float(np.percentile(outputs, 90)), "output_len_max": int(outputs.max()),
+            "static_rows_per_output_token": summaries[STATIC]["row_steps_per_output_token"],
+            "output_tokens_per_s": {name: s["output_tokens_per_s"] for name, s in summaries.items()},
+            "ratio_to_static": {name: s["output_tokens_per_s"] / summaries[STATIC]["output_tokens_per_s"]
+                                for name, s in summaries.items()},
+            "cpu_ratio_to_static": {name: s["output_tokens_per_cpu_s"] / summaries[STATIC]["output_tokens_per_cpu_s"]
+                                    for name, s in summaries.items()},
+            "completed": all(s["completed"] for s in summaries.values())}
+
+
 def run_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
     """Decode scaling on a SmolLM2-135M-shaped random checkpoint (with ``--quick``: on the
     served model, a few steps, as a smoke test of the code path)."""
@@ -728,11 +923,12 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.quick:
         print("decode scaling (quick: on the served model) ...", flush=True)
         return decode_scaling(args.model, args.backend, preset["scaling_batches"], 16, preset["scaling_steps"],
-                              gemv_size=2048)
+                              preset["scaling_rounds"], gemv_size=2048)
     print("decode scaling on a SmolLM2-135M-shaped checkpoint (writing it first) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")
-        return decode_scaling(model_dir, args.backend, preset["scaling_batches"], 16, preset["scaling_steps"])
+        return decode_scaling(model_dir, args.backend, preset["scaling_batches"], 16, preset["scaling_steps"],
+                              preset["scaling_rounds"])
 
 
 def vars_of(obj: Any) -> dict[str, Any]:

@@ -18,7 +18,15 @@ from tests.helpers import FIXTURES
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import serving  # noqa: E402
-from workload import TOKEN_HIGH, TOKEN_LOW, LengthDistribution, Workload  # noqa: E402
+from workload import (  # noqa: E402
+    PRESETS,
+    TOKEN_HIGH,
+    TOKEN_LOW,
+    LengthDistribution,
+    Workload,
+    chat_output_len,
+    preset,
+)
 
 MODEL = FIXTURES / "llama_gqa"
 
@@ -40,9 +48,10 @@ def test_the_arrival_process_does_not_change_the_prompts():
                                                                      for r in poisson]
 
 
-@pytest.mark.parametrize("kind", ["fixed", "uniform", "lognormal"])
+@pytest.mark.parametrize("kind", ["fixed", "uniform", "lognormal", "capped_lognormal"])
 def test_lengths_stay_within_their_bounds(kind):
-    lengths = LengthDistribution(kind, 5, 300).sample(np.random.default_rng(0), 2000)
+    shape = {"median": 40, "sigma": 1.0} if kind == "capped_lognormal" else {}
+    lengths = LengthDistribution(kind, 5, 300, **shape).sample(np.random.default_rng(0), 2000)
     assert lengths.min() >= 5 and lengths.max() <= 300
     if kind == "fixed":
         assert set(lengths.tolist()) == {300}
@@ -54,6 +63,27 @@ def test_lognormal_lengths_are_long_tailed_around_the_geometric_mean():
     lengths = LengthDistribution("lognormal", 16, 1024).sample(np.random.default_rng(0), 4000)
     assert abs(np.log(np.median(lengths)) - np.log(128)) < 0.15  # median near sqrt(16 * 1024)
     assert lengths.mean() > np.median(lengths)  # a right tail
+
+
+def test_chat_answers_have_the_stated_median_a_heavy_tail_and_a_spike_at_the_cap():
+    lengths = chat_output_len().sample(np.random.default_rng(0), 20_000)  # median 200, sigma 1, cap 768
+    assert lengths.min() >= 1 and lengths.max() == 768
+    assert abs(np.median(lengths) - 200) < 8  # the cap is above the median, so it keeps it
+    at_cap = np.mean(lengths == 768)  # P(Z > ln(768 / 200)) = 8.9% of answers are cut at max_tokens
+    assert 0.08 < at_cap < 0.10
+    assert 1.3 < lengths.mean() / np.median(lengths) < 1.5  # e^0.5 = 1.65 uncapped; the cap trims the tail
+    quartile = np.percentile(lengths, 75) / np.median(lengths)
+    assert abs(quartile - math.exp(0.6745)) < 0.1  # sigma = 1: the upper quartile at e^0.6745 = 1.96x the median
+    assert np.percentile(lengths, 90) > 3.4 * np.median(lengths)  # a long tail: p90 ~ 3.6x the median
+
+
+def test_the_chat_preset_changes_only_the_answer_lengths():
+    varied, chat = preset("varied", num_requests=24).generate(), preset("chat", num_requests=24).generate()
+    assert [r.prompt_token_ids for r in varied] == [r.prompt_token_ids for r in chat]
+    assert [r.max_tokens for r in varied] != [r.max_tokens for r in chat]
+    assert PRESETS["chat"].max_seq_len <= 1024  # fits the embedded model's context
+    with pytest.raises(ValueError, match="unknown workload preset"):
+        preset("sharegpt")
 
 
 def test_requests_respect_token_range_lengths_and_shared_prefix():
@@ -94,6 +124,10 @@ def test_bad_length_distributions_are_rejected():
         LengthDistribution("uniform", 10, 5)
     with pytest.raises(ValueError, match="unknown length distribution"):
         LengthDistribution("zipf", 1, 5)
+    with pytest.raises(ValueError, match="median > 0 and sigma > 0"):
+        LengthDistribution("capped_lognormal", 1, 5, median=3)
+    with pytest.raises(ValueError, match="for capped_lognormal only"):
+        LengthDistribution("uniform", 1, 5, sigma=1.0)
 
 
 # -------------------------------------------------------------------------------- runner
@@ -150,6 +184,30 @@ def test_static_steps_are_one_prefill_then_the_longest_output_per_batch(quick_ru
     assert len(results[serving.STATIC].log.steps) == sum(max(r.max_tokens for r in b) for b in batches)
 
 
+def test_static_prefill_computes_left_padding_and_static_rows_count_the_waste(quick_run):
+    requests, setup, results, _ = quick_run
+    batches = [requests[i:i + setup.max_num_seqs] for i in range(0, len(requests), setup.max_num_seqs)]
+    prompts = [[len(r.prompt_token_ids) for r in batch] for batch in batches]
+    static = serving.summarize(results[serving.STATIC], requests)
+    assert static["prompt_padding_tokens_computed"] == sum(len(p) * max(p) - sum(p) for p in prompts) > 0
+    assert static["row_steps_per_output_token"] == pytest.approx(
+        sum(len(b) * max(r.max_tokens for r in b) for b in batches) / sum(r.max_tokens for r in requests))
+    report = serving.output_length_report(quick_workload(), requests,
+                                          {n: serving.summarize(r, requests) for n, r in results.items()})
+    assert report["static_rows_per_output_token"] == static["row_steps_per_output_token"] > 1
+    assert report["ratio_to_static"][serving.STATIC] == 1.0 and report["completed"]
+
+
+def test_decode_scaling_reports_where_each_step_goes():
+    scaling = serving.decode_scaling(MODEL, "numpy", [1, 3], prompt_len=4, steps=2, rounds=2, gemv_size=256)
+    assert [row["batch_size"] for row in scaling["rows"]] == [1, 3]
+    for row in scaling["rows"]:
+        assert set(row["phases_s"]) == set(serving.PHASES)
+        assert all(seconds >= 0 for seconds in row["phases_s"].values())
+        assert row["phases_s"]["projections"] > 0 and row["phases_s"]["lm_head"] > 0
+        assert row["gemm_flops_per_s"] > 0
+
+
 def test_paged_memory_wastes_less_and_fits_more_than_contiguous_rows(quick_run):
     requests, setup, results, bound = quick_run
     config = serving.check_model(MODEL, quick_workload())
@@ -177,6 +235,9 @@ def test_quick_cli_writes_a_sane_report(tmp_path):
     assert saved["systems"].keys() == {serving.STATIC, serving.PREFILL_FIRST, serving.CHUNKED}
     assert all(s["completed"] for s in saved["systems"].values())
     assert saved["ratios_to_static"][serving.STATIC]["output_tokens_per_s"] == 1.0
+    assert saved["by_output_lengths"].keys() == {"varied", "chat"}
+    assert saved["by_output_lengths"]["chat"]["output_len"]["kind"] == "capped_lognormal"
+    assert all(w["completed"] for w in saved["by_output_lengths"].values())
     assert report["decode_scaling"] is None
 
 
