@@ -44,9 +44,11 @@ def linear(x: np.ndarray, weight: np.ndarray | QuantizedWeight, bias: np.ndarray
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """SiLU (swish): ``x * sigmoid(x)``, with ``sigmoid(x) = (1 + tanh(x/2)) / 2`` so that
-    no large negative ``x`` overflows ``exp``."""
-    return x * (0.5 * (1.0 + np.tanh(0.5 * x)))
+    """SiLU (swish): ``x * sigmoid(x)``. With ``e = exp(-|x|)``, which never overflows,
+    ``sigmoid(x)`` is ``1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` below zero, where
+    it stays accurate even when it is tiny."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, x / (1 + e), x * e / (1 + e))
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

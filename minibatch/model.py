@@ -13,7 +13,7 @@ on NumPy or on the GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,14 +22,15 @@ from minibatch.backend import Backend, numpy_backend
 from minibatch.config import ModelConfig
 from minibatch.kv_cache import KVStorage
 from minibatch.layers import rope_inverse_frequencies
-from minibatch.quant import QuantizedWeight
+from minibatch.quant import QuantizedWeight, concatenate_rows
 
 # ---------------------------------------------------------------------------- weights
 
 
 @dataclass(slots=True)
 class LayerWeights:
-    """One decoder block. Linear weights are ``[out, in]``, as in Hugging Face."""
+    """One decoder block as a checkpoint stores it. Linear weights are ``[out, in]``, as in
+    Hugging Face."""
 
     input_norm: Any  # [H]
     q_proj: Any  # [Hq*D, H]
@@ -45,14 +46,76 @@ class LayerWeights:
     v_bias: Any = None  # [Hkv*D]
 
 
+def column_major(weight: Any) -> Any:
+    """A float ``[out, in]`` weight stored column by column (Fortran order); a quantized
+    weight as it is.
+
+    Shape and values do not change, so :func:`~minibatch.layers.linear` does not either;
+    but ``weight.T`` becomes C-contiguous, and the decode GEMV ``x @ weight.T`` then adds
+    ``x[j]`` times the contiguous column ``weight[:, j]`` for each input ``j`` (BLAS's
+    ``gemv_n``) instead of taking one dot product of length ``in`` per output. With ``in``
+    as short as 576 (SmolLM2-135M), those short dot products stream memory far slower.
+    """
+    return weight if isinstance(weight, QuantizedWeight) else np.asfortranarray(weight)
+
+
+@dataclass(slots=True)
+class FusedLayerWeights:
+    """One decoder block as a backend runs it: q, k and v stacked into one ``qkv_proj``,
+    gate and up into one ``gate_up_proj`` (vLLM's QKVParallelLinear and
+    MergedColumnParallelLinear), float matrices stored :func:`column_major`.
+
+    Why fused: a decode step is one GEMV per projection, and a small GEMV (k_proj is
+    192x576 in SmolLM2-135M) streams its weights well below memory bandwidth, on top of a
+    fixed cost per call. One bigger GEMV reads the same bytes closer to bandwidth, in 4
+    calls per layer instead of 7. Checkpoints keep Hugging Face's separate, row-major
+    tensors; a :class:`ModelRunner` fuses them as it loads (:meth:`fuse`).
+    """
+
+    input_norm: Any  # [H]
+    qkv_proj: Any  # [(Hq+2Hkv)*D, H]: q_proj, k_proj, v_proj stacked along the output rows
+    o_proj: Any  # [H, Hq*D]
+    post_attention_norm: Any  # [H]
+    gate_up_proj: Any  # [2I, H]: gate_proj, then up_proj
+    down_proj: Any  # [H, I]
+    qkv_bias: Any = None  # [(Hq+2Hkv)*D] (Qwen2)
+
+    @classmethod
+    def fuse(cls, layer: LayerWeights) -> FusedLayerWeights:
+        """Stack a checkpoint layer's projections (host arrays, float or quantized) and store
+        the float ones column-major."""
+        has_bias = layer.q_bias is not None
+        return cls(input_norm=layer.input_norm,
+                   qkv_proj=column_major(concatenate_rows([layer.q_proj, layer.k_proj, layer.v_proj])),
+                   o_proj=column_major(layer.o_proj), post_attention_norm=layer.post_attention_norm,
+                   gate_up_proj=column_major(concatenate_rows([layer.gate_proj, layer.up_proj])),
+                   down_proj=column_major(layer.down_proj),
+                   qkv_bias=np.concatenate([layer.q_bias, layer.k_bias, layer.v_bias]) if has_bias else None)
+
+
 @dataclass(slots=True)
 class ModelWeights:
-    """All weights of a decoder. ``lm_head is embed_tokens`` when embeddings are tied."""
+    """All weights of a decoder. ``lm_head is embed_tokens`` when embeddings are tied.
+
+    ``layers`` are :class:`LayerWeights` as loaded from (and saved to) a checkpoint, or
+    :class:`FusedLayerWeights` in the :meth:`runtime_layout` a model runner holds.
+    """
 
     embed_tokens: Any  # [V, H]
-    layers: list[LayerWeights]
+    layers: list[LayerWeights] | list[FusedLayerWeights]
     final_norm: Any  # [H]
     lm_head: Any  # [V, H]
+
+    def runtime_layout(self) -> ModelWeights:
+        """These weights as a :class:`ModelRunner` holds them: every layer's q/k/v and gate/up
+        stacked (:class:`FusedLayerWeights`), and every float matrix :func:`column_major`, the
+        LM head too. A tied embedding goes column-major with it: a lookup then reads each
+        token's row with a stride, a small cost next to the GEMV over the whole vocabulary
+        that gets faster."""
+        lm_head = column_major(self.lm_head)
+        embed_tokens = lm_head if self.lm_head is self.embed_tokens else self.embed_tokens
+        return replace(self, embed_tokens=embed_tokens, lm_head=lm_head,
+                       layers=[FusedLayerWeights.fuse(layer) for layer in self.layers])
 
     def map(self, fn: Any) -> ModelWeights:
         """A copy with ``fn`` applied to every tensor (e.g. to move it to a device).
@@ -68,7 +131,7 @@ class ModelWeights:
                 moved[id(tensor)] = fn(tensor)
             return moved[id(tensor)]
 
-        layers = [LayerWeights(**{name: once(getattr(layer, name)) for name in LayerWeights.__slots__})
+        layers = [type(layer)(**{name: once(getattr(layer, name)) for name in layer.__slots__})
                   for layer in self.layers]
         return ModelWeights(embed_tokens=once(self.embed_tokens), layers=layers,
                             final_norm=once(self.final_norm), lm_head=once(self.lm_head))
@@ -100,6 +163,9 @@ class ForwardBatch:
     slot_mapping: np.ndarray  # [N] flat cache slot each new token's K/V is written to
     logits_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [L]
     block_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [P, 2] (src, dst)
+    # a KIVI cache only: each sequence's residual row, and rows to copy first (forks)
+    residual_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [S]
+    row_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # [R, 2] (src, dst)
 
     @property
     def num_tokens(self) -> int:
@@ -138,30 +204,66 @@ class ForwardBatch:
             block_tables=block_tables,
             slot_mapping=np.concatenate([np.asarray(slots, np.int64) for _, _, _, slots in sequences]),
             logits_indices=np.asarray(logits_indices, dtype=np.int64),
+            residual_rows=np.arange(len(sequences), dtype=np.int64),  # one row each; the engine reassigns
         )
 
 
 # ------------------------------------------------------------------------ forward pass
 
 
-def decoder_layer(ops: Backend, config: ModelConfig, w: LayerWeights, x: Any, batch: ForwardBatch,
-                  device_batch: dict[str, Any], inv_freq: Any, kv: dict[str, Any]) -> Any:
+def qkv_projections(ops: Backend, config: ModelConfig, w: FusedLayerWeights | LayerWeights,
+                    h: Any) -> tuple[Any, Any, Any]:
+    """Queries, keys and values: ``[N, H] -> [N, Hq, D], [N, Hkv, D], [N, Hkv, D]``.
+
+    Fused weights (what a :class:`ModelRunner` holds) take one GEMV whose output columns
+    are split into views; a checkpoint's :class:`LayerWeights` take three (a runner built
+    with ``checkpoint_layout=True``, which the decode benchmark times for comparison).
+    """
+    n, d = h.shape[0], config.head_dim
+    if isinstance(w, FusedLayerWeights):
+        qkv = ops.linear(h, w.qkv_proj, w.qkv_bias)  # [N, (Hq+2Hkv)*D]
+        q_end, k_end = config.num_heads * d, (config.num_heads + config.num_kv_heads) * d
+        q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]  # views, no copies
+    else:
+        q = ops.linear(h, w.q_proj, w.q_bias)  # [N, Hq*D]
+        k = ops.linear(h, w.k_proj, w.k_bias)  # [N, Hkv*D]
+        v = ops.linear(h, w.v_proj, w.v_bias)  # [N, Hkv*D]
+    return (q.reshape(n, config.num_heads, d), k.reshape(n, config.num_kv_heads, d),
+            v.reshape(n, config.num_kv_heads, d))
+
+
+def gate_up_projections(ops: Backend, w: FusedLayerWeights | LayerWeights, h: Any) -> tuple[Any, Any]:
+    """The MLP's gate and up projections: ``[N, H] -> [N, I], [N, I]``; one GEMV split
+    into two views for fused weights, two GEMVs for a checkpoint's :class:`LayerWeights`."""
+    if isinstance(w, FusedLayerWeights):
+        gate_up = ops.linear(h, w.gate_up_proj)  # [N, 2I]
+        i = gate_up.shape[1] // 2
+        return gate_up[:, :i], gate_up[:, i:]  # [N, I] each, views
+    return ops.linear(h, w.gate_proj), ops.linear(h, w.up_proj)
+
+
+def decoder_layer(ops: Backend, config: ModelConfig, w: FusedLayerWeights | LayerWeights, x: Any,
+                  batch: ForwardBatch, device_batch: dict[str, Any], inv_freq: Any, kv: dict[str, Any]) -> Any:
     """One pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
     n, d = x.shape[0], config.head_dim
     h = ops.rms_norm(x, w.input_norm, config.rms_norm_eps)  # [N, H]
-    q = ops.linear(h, w.q_proj, w.q_bias).reshape(n, config.num_heads, d)  # [N, Hq, D]
-    k = ops.linear(h, w.k_proj, w.k_bias).reshape(n, config.num_kv_heads, d)  # [N, Hkv, D]
-    v = ops.linear(h, w.v_proj, w.v_bias).reshape(n, config.num_kv_heads, d)  # [N, Hkv, D]
+    q, k, v = qkv_projections(ops, config, w, h)  # [N, Hq, D], [N, Hkv, D], [N, Hkv, D]
     q = ops.apply_rope(q, device_batch["positions"], inv_freq)  # [N, Hq, D]
     k = ops.apply_rope(k, device_batch["positions"], inv_freq)  # [N, Hkv, D]
-    ops.write_kv(kv["k_cache"], kv["v_cache"], k, v, device_batch["slot_mapping"],
-                 kv["k_scale"], kv["v_scale"])
-    attn = ops.cached_attention(q, kv["k_cache"], kv["v_cache"], device_batch["block_tables"],
-                                batch.query_start_loc, batch.context_lens, d ** -0.5,
-                                kv["k_scale"], kv["v_scale"])  # [N, Hq, D]
+    if "k_residual" in kv:  # a KIVI cache stores and attends in one call (minibatch/kivi.py)
+        attn = ops.kivi_attention(q, k, v, **kv, block_tables=device_batch["block_tables"],
+                                  residual_rows=device_batch["residual_rows"],
+                                  query_start_loc=batch.query_start_loc, context_lens=batch.context_lens,
+                                  scale=d ** -0.5)  # [N, Hq, D]
+    else:
+        ops.write_kv(kv["k_cache"], kv["v_cache"], k, v, device_batch["slot_mapping"],
+                     kv["k_scale"], kv["v_scale"])
+        attn = ops.cached_attention(q, kv["k_cache"], kv["v_cache"], device_batch["block_tables"],
+                                    batch.query_start_loc, batch.context_lens, d ** -0.5,
+                                    kv["k_scale"], kv["v_scale"])  # [N, Hq, D]
     x = x + ops.linear(attn.reshape(n, -1), w.o_proj)  # [N, H]
     h = ops.rms_norm(x, w.post_attention_norm, config.rms_norm_eps)  # [N, H]
-    mlp = ops.swiglu(ops.linear(h, w.gate_proj), ops.linear(h, w.up_proj))  # [N, I]
+    mlp = ops.swiglu(*gate_up_projections(ops, w, h))  # [N, I]
     return x + ops.linear(mlp, w.down_proj)  # [N, H]
 
 
@@ -170,7 +272,7 @@ def forward(ops: Backend, config: ModelConfig, weights: ModelWeights, batch: For
     """Run one step: write the batch's K/V into ``kv``, return logits ``[L, V]``
     for the tokens ``batch.logits_indices`` names (on the backend's device)."""
     device_batch = {name: ops.asarray(getattr(batch, name))
-                    for name in ("token_ids", "positions", "block_tables", "slot_mapping")}
+                    for name in ("token_ids", "positions", "block_tables", "slot_mapping", "residual_rows")}
     x = ops.embedding(weights.embed_tokens, device_batch["token_ids"])  # [N, H]
     for i, layer in enumerate(weights.layers):
         x = decoder_layer(ops, config, layer, x, batch, device_batch, inv_freq, kv.layer(i))
@@ -180,8 +282,9 @@ def forward(ops: Backend, config: ModelConfig, weights: ModelWeights, batch: For
 
 
 def to_backend(backend: Backend, tensor: Any) -> Any:
-    """A host weight on ``backend``: float32, except that a quantized weight's arrays move
-    as they are (packed integers stay packed integers)."""
+    """A host weight on ``backend``: float32 in its memory order (row- or column-major),
+    except that a quantized weight's arrays move as they are (packed integers stay packed
+    integers)."""
     if isinstance(tensor, QuantizedWeight):
         return tensor.map_arrays(backend.asarray)
     return backend.asarray(tensor, dtype=np.float32)
@@ -191,28 +294,33 @@ class ModelRunner:
     """Holds a model's weights and KV storage on one backend and runs forward batches.
 
     ``run(batch)`` returns host float32 logits, so everything above the runner
-    (sampling, the engine) is plain NumPy whatever the backend.
+    (sampling, the engine) is plain NumPy whatever the backend. ``weights`` are a
+    checkpoint's; the runner keeps them in their :meth:`~ModelWeights.runtime_layout`
+    (fused projections, column-major matrices), or as they are with ``checkpoint_layout=True``.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend | None = None,
-                 kv_cache_dtype: str = "float32"):
+                 kv_cache_dtype: str = "float32", checkpoint_layout: bool = False):
         self.config = config
         self.kv_cache_dtype = kv_cache_dtype
         self.backend = backend or numpy_backend()
+        if not checkpoint_layout:
+            weights = weights.runtime_layout()  # on the host, before the move
         self.weights = weights.map(lambda t: to_backend(self.backend, t))
         self.inv_freq = self.backend.asarray(rope_inverse_frequencies(config))
         self.kv: KVStorage | None = None
 
-    def allocate_kv(self, num_blocks: int, block_size: int) -> KVStorage:
-        """(Re)allocate the KV pools: ``num_blocks`` blocks of ``block_size`` slots per layer."""
+    def allocate_kv(self, num_blocks: int, block_size: int, num_residual_rows: int = 1) -> KVStorage:
+        """(Re)allocate the KV pools: ``num_blocks`` blocks of ``block_size`` slots per layer
+        (and, for a KIVI cache, ``num_residual_rows`` rows: one per sequence run at once)."""
         self.kv = None  # free the old pools first
-        self.kv = self.new_kv(num_blocks, block_size)
+        self.kv = self.new_kv(num_blocks, block_size, num_residual_rows)
         return self.kv
 
-    def new_kv(self, num_blocks: int, block_size: int) -> KVStorage:
+    def new_kv(self, num_blocks: int, block_size: int, num_residual_rows: int = 1) -> KVStorage:
         """Separate KV pools on this runner's backend (e.g. for a one-off scoring pass)."""
         return KVStorage.allocate(self.config, num_blocks, block_size, xp=self.backend.xp,
-                                  kv_cache_dtype=self.kv_cache_dtype)
+                                  kv_cache_dtype=self.kv_cache_dtype, num_residual_rows=num_residual_rows)
 
     def run(self, batch: ForwardBatch, kv: KVStorage | None = None) -> np.ndarray:
         """Forward one batch (after the block copies it asks for) on ``kv`` (default: the
@@ -220,7 +328,11 @@ class ModelRunner:
         kv = kv or self.kv
         if kv is None:
             raise RuntimeError("call allocate_kv() before run()")
-        if len(batch.block_copies):
+        if kv.is_kivi and len(batch.row_copies):  # a fork: the child starts from its parent's residual
+            copies = self.backend.asarray(batch.row_copies)
+            for i in range(self.config.num_layers):
+                self.backend.copy_blocks(kv.k_residual[i], kv.v_residual[i], copies)
+        elif not kv.is_kivi and len(batch.block_copies):  # (KIVI keeps a shared partial block in the residual)
             copies = self.backend.asarray(batch.block_copies)
             for i in range(self.config.num_layers):
                 layer = kv.layer(i)

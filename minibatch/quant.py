@@ -136,6 +136,26 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.scheme}, {list(self.shape)}, {self.bits_per_weight:g} bits per weight)"
 
 
+def concatenate_rows(weights: list[np.ndarray | QuantizedWeight]) -> np.ndarray | QuantizedWeight:
+    """Stack ``[out_i, in]`` weights (host arrays) into one ``[sum(out_i), in]`` weight.
+
+    Float arrays go through ``np.concatenate``. Quantized ones must share a scheme and
+    ``in``; every scheme keeps a row's scales, zero points and ggml blocks in that same
+    row (groups and blocks run along ``in``), so each stored array stacks along its first
+    axis and the result dequantizes to exactly the stacked float weights.
+    """
+    if not any(isinstance(w, QuantizedWeight) for w in weights):
+        return np.concatenate(weights, axis=0)  # [sum(out_i), in]
+    kinds = {(w.scheme, w.shape[1]) if isinstance(w, QuantizedWeight) else ("float", w.shape[1]) for w in weights}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot stack weights of different kinds along their output rows ({sorted(kinds)} as "
+                         "(scheme, input dimension)): quantize them all with one scheme, or none")
+    first = weights[0]
+    parts = {name: np.concatenate([w.parts()[name] for w in weights], axis=0) for name in first.parts()}
+    return QuantizedWeight(first.scheme, (sum(w.shape[0] for w in weights), first.shape[1]), **parts,
+                           group_size=first.group_size)
+
+
 # --------------------------------------------------------- int8: one scale per row
 
 

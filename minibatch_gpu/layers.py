@@ -67,7 +67,7 @@ def _swiglu_kernel(gate, up, out):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         g = gate[i]
         if g >= float32(0):
-            silu = g / (float32(1) + math.exp(-g))  # the NumPy twin's formula
+            silu = g / (float32(1) + math.exp(-g))  # the NumPy twin's two branches
         else:  # the same value, written so that exp cannot overflow for very negative g
             e = math.exp(g)
             silu = g * e / (float32(1) + e)
@@ -104,7 +104,9 @@ def embedding(table: Any, token_ids: Any) -> Any:
     """
     check_array("table", table, ndim=2)
     check_array("token_ids", token_ids, ndim=1, kind="integer")
-    return as_float32(table)[as_index(token_ids)]  # [N, H]
+    # the table in its stored memory order (a tied one is column-major, see ModelWeights.runtime_layout):
+    # as_float32 would copy a column-major table whole on every call
+    return xp.asarray(table, dtype=xp.float32)[as_index(token_ids)]  # [N, H]
 
 
 def rms_norm(x: Any, weight: Any, eps: float) -> Any:
@@ -142,7 +144,9 @@ def linear(x: Any, weight: Any | QuantizedWeight, bias: Any | None = None) -> An
         if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: x's last dimension must match weight [out, in] = {tuple(weight.shape)}, "
                              f"got x {tuple(x.shape)}")
-        y = as_float32(x) @ as_float32(weight).T  # [N, out]
+        # the weight in its stored memory order (a model runner keeps it column-major): the
+        # matmul reads either order, where as_float32 would copy a column-major one every call
+        y = as_float32(x) @ xp.asarray(weight, dtype=xp.float32).T  # [N, out]
     if bias is None:
         return y
     check_array("bias", bias, ndim=1)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minibatch.checkpoint import load_weights
 from minibatch.config import ModelConfig
 from minibatch.kv_cache import ContiguousKVCache
-from minibatch.model import ForwardBatch, ModelRunner
+from minibatch.model import ForwardBatch, FusedLayerWeights, LayerWeights, ModelRunner
+from minibatch.quant import quantize_model
 from tests.helpers import FIXTURES
 
 MODEL = FIXTURES / "llama_gqa"
@@ -59,3 +61,27 @@ def test_forward_batch_layout():
     assert batch.positions.tolist() == [0, 1, 2, 4]
     assert batch.context_lens.tolist() == [3, 5]
     assert batch.logits_indices.tolist() == [2, 3]
+
+
+@pytest.mark.parametrize(("fixture", "scheme"), [("llama_gqa", None), ("qwen2_bias", None), ("llama_gqa", "int4-g32"),
+                                                 ("llama_gqa", "q8_0")])
+def test_fused_column_major_projections_give_the_same_logits(fixture, scheme):
+    """A runner stacks q/k/v (and their biases) and gate/up into one matrix each, stored
+    column-major; the logits are those of the checkpoint's separate projections, and the
+    checkpoint's own weights keep Hugging Face's layout (what save_model writes)."""
+    config = ModelConfig.from_dir(FIXTURES / fixture)
+    weights = load_weights(FIXTURES / fixture, config)
+    weights = weights if scheme is None else quantize_model(weights, scheme)
+    fused, unfused = ModelRunner(config, weights), ModelRunner(config, weights, checkpoint_layout=True)
+    layer, d = fused.weights.layers[0], config.head_dim
+    assert isinstance(layer, FusedLayerWeights) and isinstance(weights.layers[0], LayerWeights)
+    assert layer.qkv_proj.shape == ((config.num_heads + 2 * config.num_kv_heads) * d, config.hidden_size)
+    assert layer.gate_up_proj.shape == (2 * config.intermediate_size, config.hidden_size)
+    assert (layer.qkv_bias is not None) == config.attention_bias
+    if scheme is None:  # float matrices are stored column-major: x @ W.T is then a gemv_n
+        assert all(w.flags.f_contiguous for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+    assert fused.weights.lm_head.flags.f_contiguous and weights.lm_head.flags.c_contiguous
+    assert (fused.weights.embed_tokens is fused.weights.lm_head) == config.tie_word_embeddings
+    assert fused.weights.num_bytes == unfused.weights.num_bytes == weights.num_bytes
+    tokens = [3, 17, 5, 9, 30, 2, 11]
+    np.testing.assert_allclose(run_alone(fused, tokens), run_alone(unfused, tokens), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ from minibatch.quant import (
     SCHEMES,
     QuantizedWeight,
     check_quantized,
+    concatenate_rows,
     dequantize,
     ggml_block_scales,
     pack_int4,
@@ -180,6 +181,27 @@ def test_a_weight_checks_its_own_layout_and_moves_keeping_dtypes():
     assert moved.nbytes == q.nbytes == 4 * 32 + 4 * 2 * 4 + 4 * 2
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_stacking_output_rows_stacks_the_dequantized_weights(scheme):
+    """How q/k/v and gate/up are fused: every scale, zero point and ggml block belongs to
+    one output row, so stacking the stored arrays stacks the weights they stand for."""
+    rng = np.random.default_rng(0)
+    weights = [quantize(rng.standard_normal((rows, 128)).astype(np.float32), scheme) for rows in (6, 2, 3)]
+    stacked = concatenate_rows(weights)
+    assert stacked.scheme == scheme and stacked.shape == (11, 128) and stacked.group_size == weights[0].group_size
+    assert stacked.nbytes == sum(w.nbytes for w in weights)
+    np.testing.assert_array_equal(dequantize(stacked), np.concatenate([dequantize(w) for w in weights]))
+
+
+def test_only_weights_of_one_kind_stack():
+    floats = [np.ones((2, 64), np.float32), np.zeros((3, 64), np.float32)]
+    np.testing.assert_array_equal(concatenate_rows(floats), np.concatenate(floats))
+    int8, q4_0 = quantize(floats[0], "int8"), quantize(floats[0], "q4_0")
+    for mixed in ([int8, floats[1]], [floats[1], int8], [int8, q4_0], [int8, quantize(np.ones((2, 32)), "int8")]):
+        with pytest.raises(ValueError, match="one scheme"):
+            concatenate_rows(mixed)
+
+
 # ------------------------------------------------------- error bounds (properties)
 
 
@@ -302,7 +324,7 @@ def test_quantize_model_quantizes_only_the_projections(float_weights):
         assert layer.input_norm is original.input_norm and layer.post_attention_norm is original.post_attention_norm
     assert quantized.embed_tokens is weights.embed_tokens and quantized.lm_head is weights.lm_head
     runner = ModelRunner(config, quantized)
-    assert runner.weights.layers[0].q_proj.qweight.dtype == np.uint8  # moved as stored, not upcast
+    assert runner.weights.layers[0].qkv_proj.qweight.dtype == np.uint8  # moved as stored, not upcast
     assert runner.weights.num_bytes == quantized.num_bytes < weights.num_bytes
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(quantized, "int8")

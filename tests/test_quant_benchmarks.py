@@ -172,9 +172,11 @@ def test_the_int8_kv_cache_changes_the_logits_a_little(fixture_model):
 def test_kv_capacity_on_paper_matches_the_engine(fixture_model):
     config, _ = fixture_model
     budget = 2 * 2**20
-    for dtype in ("float32", "int8"):
+    for dtype in ("float32", "int8", "kivi2"):
         paper = quality.kv_capacity(config, budget, seq_len=128, block_size=16, kv_cache_dtype=dtype)
-        assert paper["num_blocks"] == quality.engine_num_blocks(MODEL, budget, 16, dtype)
+        most = paper["max_sequences"]
+        assert quality.engine_capacity(MODEL, budget, 16, dtype, most, 128) == most  # the engine holds them
+        assert quality.engine_capacity(MODEL, budget, 16, dtype, most + 1, 128) == most  # and no more
     ratio = quality.kv_capacity(config, budget, 128, 16, "int8")["max_sequences"] / \
         quality.kv_capacity(config, budget, 128, 16, "float32")["max_sequences"]
     assert ratio == pytest.approx(4 * config.head_dim / (config.head_dim + 4), rel=0.02)

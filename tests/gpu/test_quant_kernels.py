@@ -155,6 +155,19 @@ def test_linear_dispatches_quantized_weights(scheme, num_tokens, with_bias, seed
     assert_close(result, expected, x, q)
 
 
+@pytest.mark.parametrize("scheme", numpy_quant.SCHEMES)
+def test_stacked_rows_multiply_as_the_separate_weights(scheme):
+    """q/k/v (and gate/up) stacked into one weight, as a model runner fuses them: one kernel
+    call gives the separate products side by side, for the GEMV and the tiled kernel."""
+    rng = np.random.default_rng(1)
+    parts = [numpy_quant.quantize(random_weight(rng, rows, 128, 1.0, 0), scheme) for rows in (6, 2, 2)]
+    stacked = numpy_quant.concatenate_rows(parts)
+    for num_tokens in (1, gpu_quant.GEMV_MAX_TOKENS + 1):
+        x = rng.standard_normal((num_tokens, 128)).astype(np.float32)
+        expected = np.concatenate([numpy_quant.quantized_matmul(x, q) for q in parts], axis=1)  # [N, 10]
+        assert_close(gpu_quant.quantized_matmul(to_device(x), stacked.map_arrays(to_device)), expected, x, stacked)
+
+
 def test_bad_inputs_raise_value_errors():
     q = numpy_quant.quantize(np.ones((4, 64), np.float32), "int4-g32")
     with pytest.raises(ValueError, match="input dimension 64"):
