@@ -25,7 +25,7 @@ is memory-bound, so more sequences per step come cheap until arithmetic takes ov
 and where a step's time goes at each batch size.
 
     python benchmarks/serving.py [--model DIR] [--num-requests 32] [--arrival offline|poisson]
-        [--rate R] [--max-num-seqs 8] [--max-num-batched-tokens 64] [--block-size 16]
+        [--rate R] [--max-num-seqs 32] [--max-num-batched-tokens 256] [--block-size 16]
         [--chat-output MEDIAN CAP] [--quick] [--skip-chat] [--skip-135m] [--backend numpy|gpu]
 
 It prints tables, writes ``benchmarks/results/serving.json`` and ``serving_*.png``.
@@ -735,7 +735,7 @@ def save(plt: Any, fig: Any, path: Path) -> Path:
 
 
 VARIED, CHAT = PRESETS["varied"], PRESETS["chat"]
-FULL = {"num_requests": 32, "input_len": (VARIED.input_len.low, VARIED.input_len.high),
+FULL = {"num_requests": 128, "input_len": (VARIED.input_len.low, VARIED.input_len.high),
         "output_len": (VARIED.output_len.low, VARIED.output_len.high),
         "chat_output": (int(CHAT.output_len.median), CHAT.output_len.high),
         "scaling_steps": 8, "scaling_rounds": 3, "scaling_batches": [1, 2, 4, 8, 16, 32]}
@@ -763,8 +763,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shared-prefix-fraction", type=float, default=0.0)
     parser.add_argument("--shared-prefix-len", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=int, default=8)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds: a small workload, and "
                         "decode scaling on the served model instead of the 135M-shaped one")
