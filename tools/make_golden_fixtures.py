@@ -10,7 +10,7 @@ Run it from the repository root (CPU is enough, it takes well under a minute)::
     pip install torch==2.13.0 "transformers>=5" safetensors   # developer machine only
     python tools/make_golden_fixtures.py                      # every fixture
     python tools/make_golden_fixtures.py --only llama_gqa     # one or a few fixtures
-    python tools/make_golden_fixtures.py --shipped minibatch/models/tiny-target tiny-target
+    python tools/make_golden_fixtures.py --shipped minibatch/models/tiny-target tiny_target
 
 The first two forms write, for each fixture ``NAME`` in :data:`FIXTURES`, the directory
 ``tests/fixtures/hf/NAME/`` holding

@@ -29,6 +29,9 @@ Useful extras:
 * ``--continue-training`` starts from the models already exported in
   ``--out`` and trains a further stage (fresh optimizer and schedule); the
   training log and model card then list every stage.
+* ``--widen-mlp SIZE`` (with ``--continue-training``) first grows the SwiGLU
+  MLP of the exported model to ``SIZE`` hidden units without changing the
+  function it computes (see :func:`widen_mlp_state`), then trains that stage.
 
 Training state is checkpointed to ``--work-dir`` every ``--ckpt-every`` steps
 and resumed from there automatically when the step count matches.
@@ -41,8 +44,9 @@ import json
 import math
 import platform
 import random
+import textwrap
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +73,7 @@ class ModelSpec:
 
 
 SPECS = {
-    "target": ModelSpec("target", 256, 4, 8, 4, 688, False),
+    "target": ModelSpec("target", 256, 4, 8, 4, 768, False),
     "draft": ModelSpec("draft", 128, 2, 4, 2, 352, True),
 }
 
@@ -130,6 +134,61 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def widen_mlp_state(state: dict, old: int, new: int, std: float, seed: int) -> dict:
+    """Grow every layer's SwiGLU MLP from ``old`` to ``new`` hidden units.
+
+    The ``new - old`` extra units get gate and up rows drawn from N(0, std^2)
+    and all-zero down_proj columns, so their ``silu(gate) * up`` output is
+    multiplied by zero and the network computes exactly the same function.
+    The down columns still receive gradient, so the new units start learning
+    at the first step.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key, w in state.items():
+        if key.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            assert w.shape[0] == old, (key, tuple(w.shape))
+            extra = torch.randn(new - old, w.shape[1], generator=gen, dtype=w.dtype) * std
+            out[key] = torch.cat([w, extra], dim=0)
+        elif key.endswith("mlp.down_proj.weight"):
+            assert w.shape[1] == old, (key, tuple(w.shape))
+            out[key] = torch.cat([w, w.new_zeros(w.shape[0], new - old)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def initial_model(
+    spec: ModelSpec, cfg: TrainConfig, tokens: np.ndarray, init_from: Path | None, widen: bool
+) -> tuple[LlamaForCausalLM, list[int] | None]:
+    """The model a training stage starts from: fresh, or the exported model in
+    ``init_from``, with its MLP widened to ``spec.intermediate_size`` when
+    ``widen``. Returns the model and ``[old, new]`` intermediate sizes if widened."""
+    model = build_model(spec, cfg.seed)
+    if init_from is None:
+        return model, None
+    source = load_exported(init_from)
+    old, new = source.config.intermediate_size, spec.intermediate_size
+    if not widen:
+        if old != new:
+            raise SystemExit(f"{init_from} has intermediate_size {old}, spec says {new}: pass --widen-mlp {new}")
+        model.load_state_dict(source.state_dict())
+        return model, None
+    if new <= old:
+        raise SystemExit(f"--widen-mlp {new} must exceed the intermediate_size {old} of {init_from}")
+    std = source.config.initializer_range
+    model.load_state_dict(widen_mlp_state(source.state_dict(), old, new, std, cfg.seed))
+    # The widened network must compute the same function, checked on a few windows.
+    model.eval()
+    probe, _ = sample_batch(tokens, 4, 256, np.random.default_rng(cfg.seed + 7))
+    before = source(input_ids=probe, use_cache=False).logits
+    diff = float((model(input_ids=probe, use_cache=False).logits - before).abs().max())
+    print(f"[{spec.name}] widened MLP {old} -> {new}: max |logit diff| {diff:.2e}", flush=True)
+    assert diff < 1e-5, f"widening changed the logits by {diff}"
+    model.train()
+    return model, [old, new]
 
 
 def sample_batch(
@@ -195,19 +254,22 @@ def train_model(
     work_dir: Path,
     ckpt_every: int,
     init_from: Path | None = None,
+    stage: int = 1,
+    widen: bool = False,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Train one model, resuming from ``work_dir`` when possible. With ``init_from`` (an
     exported model directory) training continues from those weights with a fresh
-    optimizer and learning-rate schedule: a second stage."""
-    model = build_model(spec, cfg.seed)
-    if init_from is not None:
-        model.load_state_dict(load_exported(init_from).state_dict())
+    optimizer and learning-rate schedule: stage number ``stage`` (2 or more). With
+    ``widen`` the exported MLP is first grown to ``spec.intermediate_size``."""
+    model, widened = initial_model(spec, cfg, tokens, init_from, widen)
     optimizer = make_optimizer(model, cfg)
-    rng = np.random.default_rng(cfg.seed + (1 if init_from is not None else 0))  # new windows in a new stage
+    rng = np.random.default_rng(cfg.seed + stage - 1)  # new windows in a new stage
     log = {"model": spec.name, "train_config": asdict(cfg), "points": [], "wall_time_s": 0.0}
+    if widened:
+        log["widened_mlp"] = widened
     start_step = 0
-    stage = "-continued" if init_from is not None else ""
-    ckpt = work_dir / f"{spec.name}-steps{cfg.steps}{stage}.pt"
+    suffix = "" if stage == 1 else "-continued" if stage == 2 else f"-stage{stage}"
+    ckpt = work_dir / f"{spec.name}-steps{cfg.steps}{suffix}.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
@@ -266,10 +328,10 @@ def merge_stages(prior: dict, log: dict) -> dict:
             "tokens_seen": prior["tokens_seen"],
         }
     ]
-    stages = [
-        *stages,
-        {"train_config": log["train_config"], "wall_time_s": log["wall_time_s"], "tokens_seen": log["tokens_seen"]},
-    ]
+    stage = {"train_config": log["train_config"], "wall_time_s": log["wall_time_s"], "tokens_seen": log["tokens_seen"]}
+    if "widened_mlp" in log:
+        stage["widened_mlp"] = log["widened_mlp"]
+    stages = [*stages, stage]
     offset = sum(stage["train_config"]["steps"] for stage in stages[:-1])
     points = prior["points"] + [{**point, "step": point["step"] + offset} for point in log["points"]]
     return {
@@ -308,9 +370,17 @@ def add_legacy_config_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def measure_throughput(spec: ModelSpec, cfg: TrainConfig, tokens: np.ndarray, steps: int) -> float:
-    """Return training tokens/s measured over ``steps`` steps (after one warmup)."""
-    model = build_model(spec, cfg.seed)
+def measure_throughput(
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    tokens: np.ndarray,
+    steps: int,
+    init_from: Path | None = None,
+    widen: bool = False,
+) -> float:
+    """Return training tokens/s measured over ``steps`` steps (after one warmup),
+    starting from the same model a training run would start from."""
+    model, _ = initial_model(spec, cfg, tokens, init_from, widen)
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
     times = []
@@ -457,6 +527,17 @@ def model_card(name: str, cfg: LlamaConfig, log: dict, meta: dict, ev: dict) -> 
         f"linear warmup over {c['warmup_steps']} steps, cosine decay to {c['lr'] * c['min_lr_ratio']:g}"
         for i, c in enumerate(stages)
     )
+    widened = "".join(
+        textwrap.fill(
+            f"Before stage {i + 1} the SwiGLU MLP was widened from intermediate_size {st['widened_mlp'][0]} to "
+            f"{st['widened_mlp'][1]} without changing the function the model computes (new gate and up rows "
+            "small and random, new down_proj columns zero), and all weights then trained on.",
+            width=78,
+        )
+        + "\n\n"
+        for i, st in enumerate(log.get("stages", []))
+        if "widened_mlp" in st
+    )
     completions = "\n\n".join(
         f"Prompt `{json.dumps(p)}`:\n\n```python\n{p}{c}\n```" for p, c in ev["completions"][name].items()
     )
@@ -518,7 +599,7 @@ as `[BOS] + file bytes + [EOS]`.
 | Wall time | {log["wall_time_s"] / 60:.1f} minutes |
 | Hardware | 2 CPU cores (shared with other jobs during training) |
 
-The loss curve is in `training_log.json`.
+{widened}The loss curve is in `training_log.json`.
 
 ## Results
 
@@ -579,8 +660,18 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="start from the exported model in --out and train a further stage",
     )
+    p.add_argument(
+        "--widen-mlp",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="with --continue-training: first grow the exported MLP to SIZE hidden units (function-preserving)",
+    )
     p.add_argument("--cards-only", action="store_true", help="only re-render README.md from eval.json")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.widen_mlp is not None and not args.continue_training:
+        p.error("--widen-mlp needs --continue-training")
+    return args
 
 
 def train_config(args: argparse.Namespace, name: str) -> TrainConfig:
@@ -636,20 +727,23 @@ def main() -> None:
     corpus = load_corpus()
     print(json.dumps(corpus.metadata, indent=1), flush=True)
 
-    if args.measure:
-        for name in args.models:
-            measure_throughput(SPECS[name], train_config(args, name), corpus.train, args.measure)
-        return
-
+    widen = args.widen_mlp is not None
     for name in args.models:
+        spec = replace(SPECS[name], intermediate_size=args.widen_mlp) if widen else SPECS[name]
         cfg = train_config(args, name)
         out_dir = args.out / f"tiny-{name}"
         init_from = out_dir if args.continue_training else None
         if init_from is not None and not (out_dir / "model.safetensors").is_file():
             raise SystemExit(f"--continue-training needs an exported {out_dir} to start from")
+        if args.measure:
+            measure_throughput(spec, cfg, corpus.train, args.measure, init_from, widen)
+            continue
         prior = json.loads((out_dir / "training_log.json").read_text()) if init_from is not None else None
-        model, log = train_model(SPECS[name], cfg, corpus.train, args.work_dir, args.ckpt_every, init_from)
+        stage = 1 + len(prior.get("stages") or [prior]) if prior else 1
+        model, log = train_model(spec, cfg, corpus.train, args.work_dir, args.ckpt_every, init_from, stage, widen)
         export_model(model, out_dir, merge_stages(prior, log) if prior else log)
+    if args.measure:
+        return
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_heldout_sample(corpus, args.out / "heldout_sample.txt", HELDOUT_SAMPLE_BYTES)
