@@ -16,7 +16,12 @@ matrices, where the runner's own layout has 4 on stacked column-major ones), alt
 with the default runs so that both see the same machine. It prints a table and writes
 ``benchmarks/results/decode_<backend>.json``.
 
-    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 3]
+    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 3] [--out FILE]
+
+BLAS threads change both sides of the ratio (a large GEMV scales with threads better than
+a decode step's small ones do), so the results directory keeps one run with the default
+threads (``decode_numpy.json``) and one with ``OPENBLAS_NUM_THREADS=1``
+(``decode_numpy_1thread.json``).
 
 Times are medians over steps; the machine is noisy, so read the ratios.
 """
@@ -193,6 +198,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--skip-135m", action="store_true", help="only the embedded model")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/decode_<backend>.json)")
     args = parser.parse_args()
 
     bandwidth = measure_gemv_bandwidth(args.backend)
@@ -202,12 +208,13 @@ def main() -> None:
             model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")
             results.append(benchmark_model("SmolLM2-135M-shaped", model_dir, args, bandwidth))
     print_table(bandwidth, results)
-    RESULTS.mkdir(exist_ok=True)
+    out = args.out or RESULTS / f"decode_{args.backend}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "decode", "backend": args.backend, "gemv_bandwidth_bytes_per_s": bandwidth,
-              "machine": platform.platform(), "processor": platform.processor(), "args": vars(args),
+              "machine": platform.platform(), "processor": platform.processor(),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
               "results": results}
-    out = RESULTS / f"decode_{args.backend}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -19,8 +19,8 @@ block (and, for KIVI, one float residual row per sequence) and checked by buildi
 ``LLMEngine`` with that budget.
 
 A scheme's group size must divide the input dimension of every projection it stores.
-When it does not divide the MLP width (the shipped target model's 688 is not a multiple of
-32), ``--fit pad`` (the default) widens the MLP with zero units to the next multiple:
+When it does not divide the MLP width (a 688-wide MLP, say, is not a multiple of 32),
+``--fit pad`` (the default) widens the MLP with zero units to the next multiple:
 the extra gate/up rows are zero, so their units output ``silu(0) * 0 = 0``, and the extra
 down_proj columns multiply those zeros. The float model computes exactly the same
 function, and every projection is then stored in the scheme (rows marked ``+``).
@@ -393,7 +393,7 @@ def print_quality_table(rows: list[dict]) -> None:
 
 def print_goals(goals: list[dict]) -> None:
     width = max(len(g["goal"]) for g in goals)
-    measured = max(len(g["measured"]) for g in goals) + 2
+    measured = max(len("measured"), *(len(g["measured"]) for g in goals)) + 2
     print(f"\n{'goal':<{width}}  {'measured':<{measured}}result")
     for g in goals:
         result = "n/a" if g["passed"] is None else ("PASS" if g["passed"] else "FAIL")

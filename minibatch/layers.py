@@ -44,11 +44,11 @@ def linear(x: np.ndarray, weight: np.ndarray | QuantizedWeight, bias: np.ndarray
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """SiLU (swish): ``x * sigmoid(x)``. With ``e = exp(-|x|)``, which never overflows,
-    ``sigmoid(x)`` is ``1 / (1 + e)`` for ``x >= 0`` and ``e / (1 + e)`` below zero, where
-    it stays accurate even when it is tiny."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, x / (1 + e), x * e / (1 + e))
+    """SiLU (swish): ``x * sigmoid(x) = x / (1 + exp(-x))``. Below ``x = -88``, ``exp(-x)``
+    overflows float32 to infinity and the quotient is ``-0.0``: the right limit, so the
+    overflow is expected and not reported."""
+    with np.errstate(over="ignore"):
+        return x / (1 + np.exp(-x))
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

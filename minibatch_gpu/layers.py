@@ -67,7 +67,7 @@ def _swiglu_kernel(gate, up, out):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         g = gate[i]
         if g >= float32(0):
-            silu = g / (float32(1) + math.exp(-g))  # the NumPy twin's two branches
+            silu = g / (float32(1) + math.exp(-g))  # the NumPy twin's formula
         else:  # the same value, written so that exp cannot overflow for very negative g
             e = math.exp(g)
             silu = g * e / (float32(1) + e)
