@@ -94,6 +94,24 @@ def _round_half_even(value):
     return nearest
 
 
+@cuda.jit(device=True)
+def _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread, num_threads, head_dim):
+    """Combine the block's per-thread online softmaxes (each thread's running max, sum and
+    weighted values over its share of the keys) into ``out[token, head]``: every partial is
+    rescaled to the block's max. Thread ``thread`` writes dims ``thread, thread + T, ...``."""
+    block_max = float32(-math.inf)
+    for t in range(num_threads):
+        block_max = max(block_max, row_max[t])
+    total = float32(0)
+    for t in range(num_threads):
+        total += row_sum[t] * math.exp(row_max[t] - block_max)
+    for d in range(thread, head_dim, num_threads):
+        weighted_values = float32(0)
+        for t in range(num_threads):
+            weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
+        out[token, head, d] = weighted_values / total
+
+
 @cuda.jit
 def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, block_tables, seq_of_token,
                              query_start_loc, context_lens, scale, out):
@@ -150,17 +168,7 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
         cuda.syncthreads()
 
         # --- the block: merge the threads' partial softmaxes; thread t writes dims t, t+T, ...
-        block_max = float32(-math.inf)
-        for t in range(num_threads):
-            block_max = max(block_max, row_max[t])
-        total = float32(0)
-        for t in range(num_threads):
-            total += row_sum[t] * math.exp(row_max[t] - block_max)
-        for d in range(thread, head_dim, num_threads):
-            weighted_values = float32(0)
-            for t in range(num_threads):
-                weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
-            out[token, head, d] = weighted_values / total
+        _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread, num_threads, head_dim)
         cuda.syncthreads()  # all threads are done with the shared rows before the next item
 
 

@@ -26,7 +26,12 @@ import numpy as np
 from numba import cuda, float32
 
 from minibatch.kivi import LEVELS, value_group_size
-from minibatch_gpu.attention import ATTENTION_THREADS, MAX_HEAD_DIM, _sequence_of_each_token
+from minibatch_gpu.attention import (
+    ATTENTION_THREADS,
+    MAX_HEAD_DIM,
+    _merge_partial_softmaxes,
+    _sequence_of_each_token,
+)
 from minibatch_gpu.device import (
     as_float32,
     as_index,
@@ -207,17 +212,7 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
         cuda.syncthreads()
 
         # --- the block: merge the threads' partial softmaxes; thread t writes dims t, t+T, ...
-        block_max = float32(-math.inf)
-        for t in range(num_threads):
-            block_max = max(block_max, row_max[t])
-        total = float32(0)
-        for t in range(num_threads):
-            total += row_sum[t] * math.exp(row_max[t] - block_max)
-        for d in range(thread, head_dim, num_threads):
-            weighted_values = float32(0)
-            for t in range(num_threads):
-                weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
-            out[token, head, d] = weighted_values / total
+        _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread, num_threads, head_dim)
         cuda.syncthreads()  # all threads are done with the shared rows before the next item
 
 
