@@ -150,20 +150,17 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     cached tokens as queries. An int8 cache passes its ``k_scale``/``v_scale``
     ``[num_blocks, block_size, Hkv]`` and is dequantized as it is read.
 
-    Sequences are taken one at a time; when several are decoding, those go through
-    :func:`decode_attention` together (the same math, batched).
+    Sequences with several queries are taken one at a time; the decoding ones (one query
+    each) go through :func:`decode_attention` together (the same math, batched).
     """
     out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
     num_queries = np.diff(query_start_loc)  # [S]
     decoding = np.flatnonzero(num_queries == 1)
-    if len(decoding) > 1:
+    if len(decoding):
         rows = query_start_loc[decoding]
         out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[decoding],
                                      context_lens[decoding], scale, k_scale, v_scale)
-        one_by_one = np.flatnonzero(num_queries != 1)
-    else:
-        one_by_one = range(len(context_lens))
-    for s in one_by_one:
+    for s in np.flatnonzero(num_queries != 1):
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
         k = gather_kv(k_cache, block_tables[s], int(context_lens[s]), k_scale)  # [S, Hkv, D]
         v = gather_kv(v_cache, block_tables[s], int(context_lens[s]), v_scale)  # [S, Hkv, D]
