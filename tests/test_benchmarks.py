@@ -18,6 +18,7 @@ from tests.helpers import FIXTURES
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import serving  # noqa: E402
+import serving_scaling  # noqa: E402
 from workload import (  # noqa: E402
     PRESETS,
     TOKEN_HIGH,
@@ -199,10 +200,10 @@ def test_static_prefill_computes_left_padding_and_static_rows_count_the_waste(qu
 
 
 def test_decode_scaling_reports_where_each_step_goes():
-    scaling = serving.decode_scaling(MODEL, "numpy", [1, 3], prompt_len=4, steps=2, rounds=2, gemv_size=256)
+    scaling = serving_scaling.decode_scaling(MODEL, "numpy", [1, 3], prompt_len=4, steps=2, rounds=2, gemv_size=256)
     assert [row["batch_size"] for row in scaling["rows"]] == [1, 3]
     for row in scaling["rows"]:
-        assert set(row["phases_s"]) == set(serving.PHASES)
+        assert set(row["phases_s"]) == set(serving_scaling.PHASES)
         assert all(seconds >= 0 for seconds in row["phases_s"].values())
         assert row["phases_s"]["projections"] > 0 and row["phases_s"]["lm_head"] > 0
         assert row["gemm_flops_per_s"] > 0
