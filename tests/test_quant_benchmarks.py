@@ -23,6 +23,7 @@ from tests.helpers import FIXTURES
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import quality  # noqa: E402
+import quality_formats  # noqa: E402
 import quant_speed  # noqa: E402
 
 MODEL = FIXTURES / "llama_gqa"  # hidden 64, MLP 128: int4-g128 cannot store the 64-wide inputs
@@ -97,28 +98,28 @@ def test_heldout_windows_are_evenly_spaced_and_deterministic():
 
 def test_a_projection_the_scheme_cannot_store_falls_back_to_int8(fixture_model):
     _, weights = fixture_model
-    quantized, fell_back = quality.quantize_with_fallback(weights, "int4-g128", "int8")
+    quantized, fell_back = quality_formats.quantize_with_fallback(weights, "int4-g128", "int8")
     assert fell_back == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]  # 64 inputs
     assert quantized.layers[0].q_proj.scheme == "int8" and quantized.layers[0].down_proj.scheme == "int4-g128"
     with pytest.raises(ValueError, match="not a multiple of the group size 128"):
-        quality.quantize_with_fallback(weights, "int4-g128", None)
+        quality_formats.quantize_with_fallback(weights, "int4-g128", None)
 
 
 def test_storage_counts_bits_as_stored(fixture_model):
     _, weights = fixture_model
     count = sum(int(np.prod(getattr(layer, name).shape)) for layer in weights.layers for name in quality.PROJECTIONS)
-    q4_0, notes = quality.weights_in_format(weights, "q4_0")
-    assert notes == {} and quality.storage(q4_0, "q4_0", count)["bits_per_weight"] == 4.5
-    assert quality.storage(weights, "f32", count)["bits_per_weight"] == 32
-    assert quality.storage(weights, "f16", count)["model_bytes"] == weights.num_bytes // 2
-    mixed, notes = quality.weights_in_format(weights, "int4-g128", fit="int8")
+    q4_0, notes = quality_formats.weights_in_format(weights, "q4_0")
+    assert notes == {} and quality_formats.storage(q4_0, "q4_0", count)["bits_per_weight"] == 4.5
+    assert quality_formats.storage(weights, "f32", count)["bits_per_weight"] == 32
+    assert quality_formats.storage(weights, "f16", count)["model_bytes"] == weights.num_bytes // 2
+    mixed, notes = quality_formats.weights_in_format(weights, "int4-g128", fit="int8")
     assert notes["fallback"]["scheme"] == "int8"
-    assert quality.storage(mixed, "int4-g128", count)["bits_per_weight_of_scheme_tensors"] == 4.3125
+    assert quality_formats.storage(mixed, "int4-g128", count)["bits_per_weight_of_scheme_tensors"] == 4.3125
 
 
 def test_padding_the_mlp_with_zero_units_keeps_the_function(fixture_model):
     config, weights = fixture_model
-    padded = quality.pad_mlp(weights, 96)  # 128 -> 192 units
+    padded = quality_formats.pad_mlp(weights, 96)  # 128 -> 192 units
     assert padded.layers[0].down_proj.shape == (64, 192) and padded.layers[0].gate_proj.shape == (192, 64)
     windows = [np.arange(30) % 256]
     before = quality.score_windows(ModelRunner(config, weights), windows)[0]
@@ -131,19 +132,19 @@ def test_a_padded_scheme_stores_every_projection_in_it(fixture_model):
     narrow = dataclasses.replace(weights, layers=[dataclasses.replace(  # 112 units: 32 does not divide it
         layer, gate_proj=layer.gate_proj[:112], up_proj=layer.up_proj[:112], down_proj=layer.down_proj[:, :112])
         for layer in weights.layers])
-    padded, notes = quality.weights_in_format(narrow, "q4_0", fit="pad")
+    padded, notes = quality_formats.weights_in_format(narrow, "q4_0", fit="pad")
     assert notes == {"padded_mlp": [112, 128]}
     assert {getattr(layer, name).scheme for layer in padded.layers for name in quality.PROJECTIONS} == {"q4_0"}
     with pytest.raises(ValueError, match="not a multiple of the group size 32"):
-        quality.weights_in_format(narrow, "q4_0", fit="none")
+        quality_formats.weights_in_format(narrow, "q4_0", fit="none")
 
 
 def test_float_rounding_is_exact_on_values_the_format_holds(fixture_model):
     _, weights = fixture_model
-    f16 = quality.round_floats(weights, "f16")
-    again = quality.round_floats(f16, "f16")
+    f16 = quality_formats.round_floats(weights, "f16")
+    again = quality_formats.round_floats(f16, "f16")
     assert np.array_equal(again.layers[0].q_proj, f16.layers[0].q_proj)
-    bf16 = quality.round_floats(weights, "bf16")
+    bf16 = quality_formats.round_floats(weights, "bf16")
     assert not isinstance(bf16.layers[0].q_proj, QuantizedWeight)
     assert np.abs(bf16.layers[0].q_proj - weights.layers[0].q_proj).max() > 0  # bf16 keeps 8 bits of mantissa
 
