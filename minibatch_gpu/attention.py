@@ -95,10 +95,28 @@ def _round_half_even(value):
 
 
 @cuda.jit(device=True)
-def _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread, num_threads, head_dim):
-    """Combine the block's per-thread online softmaxes (each thread's running max, sum and
-    weighted values over its share of the keys) into ``out[token, head]``: every partial is
-    rescaled to the block's max. Thread ``thread`` writes dims ``thread, thread + T, ...``."""
+def _online_softmax_step(running_max, running_sum, score):
+    """One key of a thread's online softmax: the new running max and sum, the factor that
+    rescales what was accumulated under the old max, and this key's weight. The caller
+    updates its weighted values as ``acc * correction + weight * value``."""
+    new_max = max(running_max, score)
+    correction = math.exp(running_max - new_max)  # rescales sums made under the old max
+    weight = math.exp(score - new_max)
+    return new_max, running_sum * correction + weight, correction, weight
+
+
+@cuda.jit(device=True)
+def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head, thread,
+                             num_threads, head_dim):
+    """Combine the block's per-thread online softmaxes into ``out[token, head]``.
+
+    Each thread has its running max and sum (``-inf`` and 0 if it saw no key: it then
+    weighs 0) and its weighted values in ``row_acc[thread]``; every partial is rescaled to
+    the block's max. Thread ``thread`` writes dims ``thread, thread + T, ...``. Starts and
+    ends with a barrier, so the shared rows are free for the block's next item."""
+    row_max[thread] = running_max
+    row_sum[thread] = running_sum
+    cuda.syncthreads()
     block_max = float32(-math.inf)
     for t in range(num_threads):
         block_max = max(block_max, row_max[t])
@@ -110,6 +128,7 @@ def _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread
         for t in range(num_threads):
             weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
         out[token, head, d] = weighted_values / total
+    cuda.syncthreads()
 
 
 @cuda.jit
@@ -155,21 +174,13 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
             for d in range(head_dim):
                 score += q[token, head, d] * k_cache[block, offset, kv_head, d]
             score *= scale * k_dequant
-            new_max = max(running_max, score)
-            correction = math.exp(running_max - new_max)  # rescales sums made under the old max
-            weight = math.exp(score - new_max)
-            running_sum = running_sum * correction + weight
+            running_max, running_sum, correction, weight = _online_softmax_step(running_max, running_sum, score)
             for d in range(head_dim):
                 value = v_cache[block, offset, kv_head, d] * v_dequant
                 row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
-            running_max = new_max
-        row_max[thread] = running_max  # -inf for a thread that had no key: it will weigh 0
-        row_sum[thread] = running_sum
-        cuda.syncthreads()
-
-        # --- the block: merge the threads' partial softmaxes; thread t writes dims t, t+T, ...
-        _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread, num_threads, head_dim)
-        cuda.syncthreads()  # all threads are done with the shared rows before the next item
+        # --- the block: merge the threads' partial softmaxes into out[token, head]
+        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head,
+                                 thread, num_threads, head_dim)
 
 
 @cuda.jit
@@ -312,22 +323,24 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
 
 
 def _sequence_of_each_token(query_start_loc: np.ndarray, context_lens: np.ndarray, num_tokens: int,
-                            block_size: int, block_tables_shape: tuple[int, ...]) -> np.ndarray:
+                            block_size: int, block_tables_shape: tuple[int, ...],
+                            caller: str = "cached_attention") -> np.ndarray:
     """Check the batch layout on the host and return which sequence each query token
-    belongs to, ``[N]`` int64 (the kernel's blocks each need it for one token)."""
+    belongs to, ``[N]`` int64 (the kernel's blocks each need it for one token). Errors
+    name ``caller``."""
     if query_start_loc.ndim != 1 or context_lens.ndim != 1 or len(query_start_loc) != len(context_lens) + 1:
-        raise ValueError(f"cached_attention: query_start_loc must be [S+1] and context_lens [S], got "
+        raise ValueError(f"{caller}: query_start_loc must be [S+1] and context_lens [S], got "
                          f"{query_start_loc.shape} and {context_lens.shape}")
     queries_per_seq = np.diff(query_start_loc)  # [S]
     if len(query_start_loc) and (query_start_loc[0] != 0 or query_start_loc[-1] != num_tokens):
-        raise ValueError(f"cached_attention: query_start_loc must run from 0 to N={num_tokens}, "
+        raise ValueError(f"{caller}: query_start_loc must run from 0 to N={num_tokens}, "
                          f"got {query_start_loc.tolist()}")
     if np.any(queries_per_seq < 0) or np.any(context_lens < queries_per_seq):
-        raise ValueError(f"cached_attention: each sequence needs 0 <= queries <= context_len, got queries "
+        raise ValueError(f"{caller}: each sequence needs 0 <= queries <= context_len, got queries "
                          f"{queries_per_seq.tolist()} and context_lens {context_lens.tolist()}")
     blocks_needed = -(-context_lens // block_size)  # [S] ceil
     if block_tables_shape[0] < len(context_lens) or np.any(blocks_needed > block_tables_shape[1]):
-        raise ValueError(f"cached_attention: block_tables {block_tables_shape} is too small for "
+        raise ValueError(f"{caller}: block_tables {block_tables_shape} is too small for "
                          f"{len(context_lens)} sequences of context_lens {context_lens.tolist()} "
                          f"with block size {block_size}")
     return np.repeat(np.arange(len(context_lens), dtype=np.int64), queries_per_seq)  # [N]

@@ -30,6 +30,7 @@ from minibatch_gpu.attention import (
     ATTENTION_THREADS,
     MAX_HEAD_DIM,
     _merge_partial_softmaxes,
+    _online_softmax_step,
     _sequence_of_each_token,
 )
 from minibatch_gpu.device import (
@@ -196,24 +197,16 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
                     key = _float_entry(k, k_residual, row, start, first, j, kv_head, d)
                 score += q[token, head, d] * key
             score *= scale
-            new_max = max(running_max, score)
-            correction = math.exp(running_max - new_max)  # rescales sums made under the old max
-            weight = math.exp(score - new_max)
-            running_sum = running_sum * correction + weight
+            running_max, running_sum, correction, weight = _online_softmax_step(running_max, running_sum, score)
             for d in range(head_dim):
                 if j < own:
                     value = _dequantized_value(v_cache, v_scale, v_zero, block, offset, kv_head, d)
                 else:
                     value = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
                 row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
-            running_max = new_max
-        row_max[thread] = running_max  # -inf for a thread that had no key: it will weigh 0
-        row_sum[thread] = running_sum
-        cuda.syncthreads()
-
-        # --- the block: merge the threads' partial softmaxes; thread t writes dims t, t+T, ...
-        _merge_partial_softmaxes(row_max, row_sum, row_acc, out, token, head, thread, num_threads, head_dim)
-        cuda.syncthreads()  # all threads are done with the shared rows before the next item
+        # --- the block: merge the threads' partial softmaxes into out[token, head]
+        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head,
+                                 thread, num_threads, head_dim)
 
 
 @cuda.jit
@@ -306,7 +299,7 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
     query_start_loc = to_host(query_start_loc).astype(np.int64)  # [S+1]
     context_lens = to_host(context_lens).astype(np.int64)  # [S]
     seq_of_token = _sequence_of_each_token(query_start_loc, context_lens, num_tokens, block_size,
-                                           block_tables.shape)  # [N]
+                                           block_tables.shape, "kivi_attention")  # [N]
     if residual_rows.shape[0] < len(context_lens):
         raise ValueError(f"kivi_attention: residual_rows has {residual_rows.shape[0]} entries for "
                          f"{len(context_lens)} sequences")
