@@ -1,8 +1,10 @@
 """The GPU backend: the math of :mod:`minibatch` as CuPy arrays and Numba CUDA kernels.
 
 Every public function here has a NumPy twin of the same name, signature and contract
-(``minibatch_gpu/layers.py`` mirrors ``minibatch/layers.py``, ``minibatch_gpu/attention.py``
-mirrors ``minibatch/attention.py``), and ``tests/gpu/`` holds each pair equal.
+(``minibatch_gpu/layers.py`` mirrors ``minibatch/layers.py``, ``attention.py`` mirrors
+``minibatch/attention.py``, ``quant.py`` the quantized matmul of ``minibatch/quant.py``,
+``kivi.py`` the 2-bit KV cache of ``minibatch/kivi.py``), and ``tests/gpu/`` holds each
+pair equal.
 
 It runs in one of two modes, chosen once, in :mod:`minibatch_gpu.device`, from the
 environment variable ``NUMBA_ENABLE_CUDASIM`` (read before Numba is first imported):
