@@ -25,14 +25,15 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) 
     num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads  # query heads sharing one kv head
-    q = q.reshape(num_queries, num_kv_heads, group, head_dim)  # [T, Hkv, G, D]
-    scores = np.einsum("tkgd,skd->kgts", q, k) * scale  # [Hkv, G, T, S]
+    q = q.reshape(num_queries, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)  # [Hkv, G, T, D]
+    # a kv head's keys are broadcast to its G query heads (a view, no copy): one matmul per kv head
+    scores = q @ k.transpose(1, 2, 0)[:, None] * scale  # [Hkv, G, T, D] @ [Hkv, 1, D, S] -> [Hkv, G, T, S]
     query_positions = np.arange(num_keys - num_queries, num_keys)  # [T]
     future = np.arange(num_keys)[None, :] > query_positions[:, None]  # [T, S]
     scores = np.where(future, -np.inf, scores)  # [Hkv, G, T, S]
     weights = softmax(scores)  # [Hkv, G, T, S]
-    out = np.einsum("kgts,skd->tkgd", weights, v)  # [T, Hkv, G, D]
-    return out.reshape(num_queries, num_heads, head_dim)  # [T, Hq, D]
+    out = weights @ v.transpose(1, 0, 2)[:, None]  # [Hkv, G, T, S] @ [Hkv, 1, S, D] -> [Hkv, G, T, D]
+    return out.transpose(2, 0, 1, 3).reshape(num_queries, num_heads, head_dim)  # [T, Hq, D]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -151,18 +152,43 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     ``[num_blocks, block_size, Hkv]`` and is dequantized as it is read.
 
     Sequences with several queries are taken one at a time; the decoding ones (one query
-    each) go through :func:`decode_attention` together (the same math, batched).
+    each) go through :func:`decode_attention` in groups of similar length
+    (:func:`decode_groups`): the same math, batched.
     """
     out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
     num_queries = np.diff(query_start_loc)  # [S]
     decoding = np.flatnonzero(num_queries == 1)
-    if len(decoding):
-        rows = query_start_loc[decoding]
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[decoding],
-                                     context_lens[decoding], scale, k_scale, v_scale)
+    row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize  # one token's keys
+    for group in decode_groups(context_lens[decoding], row_bytes, DECODE_GROUP_BYTES):
+        seqs = decoding[group]
+        rows = query_start_loc[seqs]
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[seqs],
+                                     context_lens[seqs], scale, k_scale, v_scale)
     for s in np.flatnonzero(num_queries != 1):
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
         k = gather_kv(k_cache, block_tables[s], int(context_lens[s]), k_scale)  # [S, Hkv, D]
         v = gather_kv(v_cache, block_tables[s], int(context_lens[s]), v_scale)  # [S, Hkv, D]
         out[start:end] = causal_attention(q[start:end], k, v, scale)  # [T, Hq, D]
     return out
+
+
+DECODE_GROUP_BYTES = 1 << 20  # keys gathered per decode_attention call: about an L2 cache
+
+
+def decode_groups(context_lens: np.ndarray, row_bytes: int, max_bytes: int = DECODE_GROUP_BYTES) -> list[np.ndarray]:
+    """Split decoding sequences into groups for :func:`decode_attention`: indices into
+    ``context_lens``, longest first, each group padding to its own longest context with
+    at most ``max_bytes`` of gathered keys (one sequence at least).
+
+    :func:`decode_attention` pads every sequence to the longest; taking sequences of
+    similar length together wastes little on padding, and a small gather stays in
+    cache (``benchmarks/serving.py`` shows the effect). Short contexts make one group.
+    """
+    order = np.argsort(context_lens, kind="stable")[::-1]  # longest first
+    groups, start = [], 0
+    while start < len(order):
+        longest = int(context_lens[order[start]])
+        size = max(1, max_bytes // max(1, longest * row_bytes))
+        groups.append(order[start:start + size])
+        start += size
+    return groups

@@ -132,3 +132,42 @@ def test_batched_decode_attention_equals_one_sequence_at_a_time(context_lens, bl
         k = k_cache.reshape(-1, hkv, 4)[slots]
         v = v_cache.reshape(-1, hkv, 4)[slots]
         np.testing.assert_allclose(batched[s], causal_attention(q[s:s + 1], k, v, 0.7)[0], rtol=1e-6, atol=1e-9)
+
+
+@given(st.lists(st.integers(1, 300), max_size=40), st.sampled_from([4, 64, 512]), st.integers(1, 50_000))
+def test_decode_groups_partition_longest_first_within_the_byte_limit(context_lens, row_bytes, max_bytes):
+    from minibatch.attention import decode_groups
+
+    lens = np.array(context_lens, dtype=np.int64)
+    groups = decode_groups(lens, row_bytes, max_bytes)
+    flat = np.concatenate(groups) if groups else np.array([], dtype=np.int64)
+    assert sorted(flat.tolist()) == list(range(len(lens)))  # every sequence exactly once
+    assert np.all(np.diff(lens[flat]) <= 0)  # longest first, so each group pads to its own first
+    for group in groups:
+        padded_bytes = len(group) * int(lens[group[0]]) * row_bytes
+        assert len(group) == 1 or padded_bytes <= max_bytes
+        assert (len(group) + 1) * int(lens[group[0]]) * row_bytes > max_bytes or group is groups[-1]
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.sampled_from([1, 4, 16]), st.integers(0, 2**31))
+def test_cached_attention_decode_grouping_changes_nothing(context_lens, block_size, seed):
+    import minibatch.attention as attention
+
+    rng = np.random.default_rng(seed)
+    hq, hkv, d = 4, 2, 8
+    blocks = [-(-n // block_size) for n in context_lens]
+    order = rng.permutation(sum(blocks))
+    tables = np.full((len(blocks), max(blocks)), -1)
+    for s, start in enumerate(np.cumsum([0, *blocks[:-1]])):
+        tables[s, :blocks[s]] = order[start:start + blocks[s]]
+    k_cache, v_cache = rng.standard_normal((2, sum(blocks), block_size, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((len(blocks), hq, d)).astype(np.float32)
+    args = (q, k_cache, v_cache, tables, np.arange(len(blocks) + 1), np.array(context_lens), 0.4)
+    one_group = attention.cached_attention(*args)
+    saved = attention.DECODE_GROUP_BYTES
+    try:
+        attention.DECODE_GROUP_BYTES = 1  # one sequence per group
+        one_each = attention.cached_attention(*args)
+    finally:
+        attention.DECODE_GROUP_BYTES = saved
+    np.testing.assert_allclose(one_each, one_group, rtol=1e-6, atol=1e-7)
