@@ -91,6 +91,7 @@ class TrainConfig:
     weight_decay: float
     grad_clip: float
     seed: int
+    top_level_fraction: float = 0.0
 
 
 # --------------------------------------------------------------------------
@@ -192,13 +193,41 @@ def initial_model(
 
 
 def sample_batch(
-    tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    rng: np.random.Generator,
+    top_level_fraction: float = 0.0,
+    top_level_starts: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return random ``(inputs, targets)`` windows of the token stream."""
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-    windows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-    batch = torch.from_numpy(windows)
+    """Return random ``(inputs, targets)`` windows of the token stream.
+
+    A fraction ``top_level_fraction`` of the windows are ``[BOS]`` followed by the
+    stream from the start of a random top-level line (an index in
+    ``top_level_starts``, see :func:`top_level_line_starts`): the shape of a user's
+    prompt, encoded as ``[BOS] + text`` with its first line in column 0. Plain random
+    windows show BOS only before a file's first line (a docstring, a comment, an
+    import), so a model trained on them alone reads ``[BOS] def f(n):`` as a method
+    nested somewhere, and greedy decoding indents its body without end.
+    """
+    n_prompt_like = round(batch_size * top_level_fraction)
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size - n_prompt_like)
+    windows = [tokens[s : s + seq_len + 1] for s in starts]
+    if n_prompt_like:
+        assert top_level_starts is not None, "top_level_fraction needs top_level_starts"
+        usable = top_level_starts[top_level_starts < len(tokens) - seq_len]
+        for s in rng.choice(usable, size=n_prompt_like):
+            windows.append(np.concatenate([[BOS_ID], tokens[s : s + seq_len]]))
+    batch = torch.from_numpy(np.stack(windows).astype(np.int64))
     return batch[:, :-1], batch[:, 1:]
+
+
+def top_level_line_starts(tokens: np.ndarray) -> np.ndarray:
+    """Indices of the first byte of every top-level line: one that follows a newline
+    and starts with a byte that is not a space, tab or newline (``def``, ``class``,
+    ``import``, a decorator, a comment in column 0)."""
+    starts = np.flatnonzero(tokens[:-1] == ord("\n")) + 1
+    return starts[~np.isin(tokens[starts], [ord(" "), ord("\t"), ord("\n")])]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -278,13 +307,16 @@ def train_model(
         start_step, log = state["step"], state["log"]
         print(f"[{spec.name}] resumed from {ckpt} at step {start_step}", flush=True)
 
+    top_level_starts = top_level_line_starts(tokens) if cfg.top_level_fraction else None
     model.train()
     t_prev = time.perf_counter()
     window_loss, window_n = 0.0, 0
     for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        inputs, targets = sample_batch(tokens, cfg.batch_size, cfg.seq_len, rng)
+        inputs, targets = sample_batch(
+            tokens, cfg.batch_size, cfg.seq_len, rng, cfg.top_level_fraction, top_level_starts
+        )
         loss = lm_loss(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -650,6 +682,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft-lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--top-level-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each batch that is [BOS] + the stream from a random top-level line (prompt-shaped)",
+    )
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=None, help="cap on held-out windows")
     p.add_argument("--completion-bytes", type=int, default=150)
@@ -686,6 +724,7 @@ def train_config(args: argparse.Namespace, name: str) -> TrainConfig:
         weight_decay=0.1,
         grad_clip=1.0,
         seed=args.seed,
+        top_level_fraction=args.top_level_fraction,
     )
 
 
