@@ -18,6 +18,7 @@ context".
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -303,10 +304,7 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
                          f"{num_kv_heads} kv heads of dim {cache_head_dim} (Hq must be a multiple of Hkv)")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"cached_attention: head dim {head_dim} is over the kernel's bound {MAX_HEAD_DIM}")
-    query_start_loc = to_host(query_start_loc).astype(np.int64)  # [S+1]
-    context_lens = to_host(context_lens).astype(np.int64)  # [S]
-    seq_of_token = _sequence_of_each_token(query_start_loc, context_lens, num_tokens, block_size,
-                                           block_tables.shape)  # [N]
+    layout = batch_layout(query_start_loc, context_lens, num_tokens, block_size, block_tables.shape)
     out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
     if out.size == 0:
         return out
@@ -317,9 +315,42 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
         pools = (as_float32(k_cache), as_float32(v_cache), no_scale, no_scale)
     threads = threads_per_block(ATTENTION_THREADS)
     _cached_attention_kernel[blocks_for(num_tokens * num_heads), threads, launch_stream()](
-        as_float32(q), *pools, quantized, as_index(block_tables), as_index(seq_of_token),
-        as_index(query_start_loc), as_index(context_lens), float32(scale), out)
+        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale), out)
     return out
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where a flat batch's queries belong, checked: ``query_start_loc`` ``[S+1]`` and
+    ``context_lens`` ``[S]`` on the host, and ``on_device`` = (sequence of each query
+    token ``[N]``, ``query_start_loc``, ``context_lens``) as the kernels take them."""
+
+    query_start_loc: np.ndarray
+    context_lens: np.ndarray
+    on_device: tuple[Any, Any, Any]
+
+
+_last_layout: dict[tuple, BatchLayout] = {}  # at most one entry: the layout of the step being run
+
+
+def batch_layout(query_start_loc: Any, context_lens: Any, num_tokens: int, block_size: int,
+                 block_tables_shape: tuple[int, ...], caller: str = "cached_attention") -> BatchLayout:
+    """The checked :class:`BatchLayout` of a batch (errors name ``caller``).
+
+    Every layer of a step passes the same layout, so the last one is kept: a step checks
+    and uploads it once, not once per layer (a host-to-device copy costs about as much
+    as a small kernel).
+    """
+    query_start_loc = to_host(query_start_loc).astype(np.int64)  # [S+1]
+    context_lens = to_host(context_lens).astype(np.int64)  # [S]
+    key = (query_start_loc.tobytes(), context_lens.tobytes(), num_tokens, block_size, tuple(block_tables_shape))
+    if key not in _last_layout:
+        seq_of_token = _sequence_of_each_token(query_start_loc, context_lens, num_tokens, block_size,
+                                               block_tables_shape, caller)  # [N]
+        _last_layout.clear()
+        _last_layout[key] = BatchLayout(query_start_loc, context_lens, (
+            as_index(seq_of_token), as_index(query_start_loc), as_index(context_lens)))
+    return _last_layout[key]
 
 
 def _sequence_of_each_token(query_start_loc: np.ndarray, context_lens: np.ndarray, num_tokens: int,

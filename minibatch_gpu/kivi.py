@@ -31,7 +31,7 @@ from minibatch_gpu.attention import (
     MAX_HEAD_DIM,
     _merge_partial_softmaxes,
     _online_softmax_step,
-    _sequence_of_each_token,
+    batch_layout,
 )
 from minibatch_gpu.device import (
     as_float32,
@@ -40,7 +40,6 @@ from minibatch_gpu.device import (
     check_array,
     launch_stream,
     threads_per_block,
-    to_host,
     xp,
 )
 
@@ -296,17 +295,16 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
                          f"{num_kv_heads} kv heads of dim {k.shape[2]} (Hq must be a multiple of Hkv)")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"kivi_attention: head dim {head_dim} is over the kernel's bound {MAX_HEAD_DIM}")
-    query_start_loc = to_host(query_start_loc).astype(np.int64)  # [S+1]
-    context_lens = to_host(context_lens).astype(np.int64)  # [S]
-    seq_of_token = _sequence_of_each_token(query_start_loc, context_lens, num_tokens, block_size,
-                                           block_tables.shape, "kivi_attention")  # [N]
+    layout = batch_layout(query_start_loc, context_lens, num_tokens, block_size, block_tables.shape,
+                          "kivi_attention")
+    query_start_loc, context_lens = layout.query_start_loc, layout.context_lens  # [S+1], [S] on the host
+    seq_of_token, *bounds = layout.on_device  # [N], [S+1], [S]
     if residual_rows.shape[0] < len(context_lens):
         raise ValueError(f"kivi_attention: residual_rows has {residual_rows.shape[0]} entries for "
                          f"{len(context_lens)} sequences")
     out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
     q, k, v = as_float32(q), as_float32(k), as_float32(v)
     block_tables, residual_rows = as_index(block_tables), as_index(residual_rows)
-    bounds = (as_index(query_start_loc), as_index(context_lens))
     stream = launch_stream()
 
     completed = _completed_blocks(query_start_loc, context_lens, block_size)  # [W, 2]
@@ -318,7 +316,6 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
             block_tables, residual_rows, *bounds)
     if out.size == 0:
         return out
-    seq_of_token = as_index(seq_of_token)
     threads = threads_per_block(ATTENTION_THREADS)
     _kivi_attention_kernel[blocks_for(num_tokens * num_heads), threads, stream](
         q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, k_residual, v_residual, block_tables,

@@ -271,3 +271,16 @@ def test_int8_write_kv_and_attention_match_numpy(num_blocks, block_size, num_kv_
     gpu_attention.copy_blocks(*gpu_pools, to_device(copies), *gpu_scales)
     for gpu_array, numpy_array in zip(gpu_pools + gpu_scales, pools + scales, strict=True):
         np.testing.assert_array_equal(to_host(gpu_array), numpy_array)
+
+
+def test_batch_layout_is_checked_and_uploaded_once_per_step():
+    """The layers of a step pass the same layout: the second call returns the same device
+    arrays; a different layout (the next step) is checked and uploaded afresh."""
+    query_start_loc, context_lens = np.array([0, 3, 4]), np.array([5, 9])
+    first = gpu_attention.batch_layout(query_start_loc, context_lens, 4, 4, (2, 3))
+    assert gpu_attention.batch_layout(query_start_loc.copy(), context_lens.copy(), 4, 4, (2, 3)) is first
+    assert to_host(first.on_device[0]).tolist() == [0, 0, 0, 1]  # the sequence of each query token
+    following = gpu_attention.batch_layout(query_start_loc, context_lens + 1, 4, 4, (2, 3))
+    assert following is not first and to_host(following.on_device[2]).tolist() == [6, 10]
+    with pytest.raises(ValueError, match="kivi_attention: each sequence needs 0 <= queries <= context_len"):
+        gpu_attention.batch_layout(query_start_loc, np.array([2, 9]), 4, 4, (2, 3), "kivi_attention")
