@@ -77,6 +77,11 @@ def measure_gemv_bandwidth(backend_name: str, rows: int = 8192, cols: int = 8192
     return rows * cols * 4 / median_linear_seconds(backend_name, 1, rows, cols, repeats)
 
 
+def measure_gemm_flops(backend_name: str, size: int = 2048, repeats: int = 9) -> float:
+    """FLOP/s of a large square float32 GEMM: the compute roofline a big enough batch meets."""
+    return 2 * size ** 3 / median_linear_seconds(backend_name, size, size, size, repeats)
+
+
 def weight_bytes_per_step(weights: ModelWeights, tied: bool) -> int:
     """Bytes a decode step reads: every weight once; an untied embedding only one row."""
     total = weights.num_bytes

@@ -274,7 +274,7 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.quick:
         print("decode scaling (quick: on the served model) ...", flush=True)
         return decode_scaling(args.model, args.backend, preset["scaling_batches"], 16, preset["scaling_steps"],
-                              preset["scaling_rounds"], gemv_size=2048)
+                              preset["scaling_rounds"], gemv_size=2048, gemm_size=512)
     print("decode scaling on a SmolLM2-135M-shaped checkpoint (writing it first) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")

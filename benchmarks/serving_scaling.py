@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from decode import measure_gemv_bandwidth, weight_bytes_per_step
+from decode import measure_gemm_flops, measure_gemv_bandwidth, weight_bytes_per_step
 
 from minibatch.backend import get_backend
 from minibatch.checkpoint import load_weights
@@ -24,10 +24,14 @@ from minibatch.model import ForwardBatch, ModelRunner
 
 
 def decode_scaling(model_dir: Path, backend: str, batch_sizes: list[int], prompt_len: int, steps: int,
-                   rounds: int = 3, gemv_size: int = 8192) -> dict[str, Any]:
+                   rounds: int = 3, gemv_size: int = 8192, gemm_size: int = 2048) -> dict[str, Any]:
     """Tokens/s of pure decode steps at each batch size (prefill excluded), beside the
-    memory roofline ``batch * bandwidth / weight bytes per step``, and where a step's time
-    goes.
+    two rooflines measured in the same run, and where a step's time goes.
+
+    * memory: ``batch * bandwidth / weight bytes per step`` (a large GEMV's bandwidth);
+    * compute: ``GEMM FLOP/s / (2 FLOPs per weight)`` tokens/s whatever the batch (a
+      large square GEMM's rate). The smaller of the two bounds each batch size; their
+      ratio is the most a full batch can gain over batch 1 on this machine.
 
     All sequences are prefilled once; each batch size then decodes its first ``batch``
     sequences from the end of the prompt, overwriting the same cache positions. The batch
@@ -54,16 +58,21 @@ def decode_scaling(model_dir: Path, backend: str, batch_sizes: list[int], prompt
              "tokens_per_s": batch / statistics.median(times[batch]),
              "phases_s": time_phases(runner, cache, kv, first[:batch], prompt_len, steps)} for batch in batch_sizes]
     bandwidth = measure_gemv_bandwidth(backend, gemv_size, gemv_size)
+    peak_flops = measure_gemm_flops(backend, gemm_size)
     step_bytes = weight_bytes_per_step(runner.weights, config.tie_word_embeddings)
+    compute_bound = peak_flops / (2 * step_bytes / 4)  # tokens/s: 2 FLOPs per float32 weight per token
     for row in rows:
         row["speedup_vs_batch_1"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
         row["roofline_tokens_per_s"] = row["batch_size"] * bandwidth / step_bytes
+        row["compute_roofline_tokens_per_s"] = compute_bound
         # every float32 weight read is one multiply-add per sequence: 2 FLOPs per 4 bytes
         gemm = row["phases_s"]["projections"] + row["phases_s"]["lm_head"]
         row["gemm_flops_per_s"] = row["batch_size"] * step_bytes / 2 / gemm if gemm else None
     return {"model": str(model_dir.name), "parameters": config.num_parameters, "prompt_len": prompt_len,
             "decode_steps": steps, "rounds": rounds, "gemv_bandwidth_bytes_per_s": bandwidth,
-            "weight_bytes_per_step": step_bytes,
+            "gemm_peak_flops_per_s": peak_flops, "weight_bytes_per_step": step_bytes,
+            "roofline_ratio_largest_vs_1": min(rows[-1]["roofline_tokens_per_s"], compute_bound)
+            / min(rows[0]["roofline_tokens_per_s"], compute_bound),
             "rows": rows, "ratio_largest_vs_1": rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
 
 

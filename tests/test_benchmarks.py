@@ -200,13 +200,19 @@ def test_static_prefill_computes_left_padding_and_static_rows_count_the_waste(qu
 
 
 def test_decode_scaling_reports_where_each_step_goes():
-    scaling = serving_scaling.decode_scaling(MODEL, "numpy", [1, 3], prompt_len=4, steps=2, rounds=2, gemv_size=256)
+    scaling = serving_scaling.decode_scaling(MODEL, "numpy", [1, 3], prompt_len=4, steps=2, rounds=2, gemv_size=256,
+                                             gemm_size=128)
     assert [row["batch_size"] for row in scaling["rows"]] == [1, 3]
     for row in scaling["rows"]:
         assert set(row["phases_s"]) == set(serving_scaling.PHASES)
         assert all(seconds >= 0 for seconds in row["phases_s"].values())
         assert row["phases_s"]["projections"] > 0 and row["phases_s"]["lm_head"] > 0
         assert row["gemm_flops_per_s"] > 0
+        assert row["compute_roofline_tokens_per_s"] == pytest.approx(
+            2 * scaling["gemm_peak_flops_per_s"] / scaling["weight_bytes_per_step"])
+    memory_1, compute = scaling["rows"][0]["roofline_tokens_per_s"], scaling["rows"][0]["compute_roofline_tokens_per_s"]
+    assert scaling["rows"][1]["roofline_tokens_per_s"] == pytest.approx(3 * memory_1)
+    assert scaling["roofline_ratio_largest_vs_1"] == pytest.approx(min(3 * memory_1, compute) / min(memory_1, compute))
 
 
 def test_paged_memory_wastes_less_and_fits_more_than_contiguous_rows(quick_run):
