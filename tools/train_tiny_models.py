@@ -570,6 +570,19 @@ def model_card(name: str, cfg: LlamaConfig, log: dict, meta: dict, ev: dict) -> 
         for i, st in enumerate(log.get("stages", []))
         if "widened_mlp" in st
     )
+    prompt_shaped = "".join(
+        textwrap.fill(
+            f"In stage {i + 1}, {st['train_config']['top_level_fraction']:.0%} of each batch's windows were "
+            "`[BOS]` followed by the stream from the start of a random top-level line (one that begins in "
+            "column 0): the shape of a prompt. Plain random windows show BOS only before a file's first line, "
+            "and a model trained on them alone took `[BOS] def f(n):` for a nested method and, decoding "
+            "greedily, indented its body with spaces without end.",
+            width=78,
+        )
+        + "\n\n"
+        for i, st in enumerate(log.get("stages", []))
+        if st["train_config"].get("top_level_fraction")
+    )
     completions = "\n\n".join(
         f"Prompt `{json.dumps(p)}`:\n\n```python\n{p}{c}\n```" for p, c in ev["completions"][name].items()
     )
@@ -631,7 +644,7 @@ as `[BOS] + file bytes + [EOS]`.
 | Wall time | {log["wall_time_s"] / 60:.1f} minutes |
 | Hardware | 2 CPU cores (shared with other jobs during training) |
 
-{widened}The loss curve is in `training_log.json`.
+{widened}{prompt_shaped}The loss curve is in `training_log.json`.
 
 ## Results
 
@@ -655,9 +668,9 @@ The same numbers are in `eval.json`.
 ### Greedy completions
 
 {ev["completion_bytes"]} new bytes, greedy, from `[BOS] + prompt`. Greedy decoding of a model
-this small soon falls into loops: endless runs of spaces after a newline,
-repeated phrases or identifiers. That is a useful illustration of why samplers
-use temperature, top-p and repetition penalties.
+this small soon falls into loops: repeated phrases, identifiers or lines. That
+is a useful illustration of why samplers use temperature, top-p and repetition
+penalties.
 
 {completions}
 """
