@@ -18,15 +18,17 @@ The paged engines get exactly the KV memory the static batcher's contiguous cach
 and all three the same ``max_num_seqs``. Then, at that same memory, how many sequences
 fit and how much of the allocated KV holds no token (contiguous max-length rows vs paged
 blocks). The three systems run again on the same prompts with heavy-tailed answer
-lengths (the ``chat`` preset), and a table gives the continuous/static ratio on both
-workloads beside the most a continuous batcher could gain on each. Last, how decode
+lengths (the ``chat`` preset), and on the first workload's answers after short prompts
+(the ``short`` preset), and a table gives the continuous/static ratio on each workload
+beside the most a continuous batcher could gain on it. Last, how decode
 throughput scales with batch size on a SmolLM2-135M-shaped checkpoint (at batch 1 decode
 is memory-bound, so more sequences per step come cheap until arithmetic takes over),
 and where a step's time goes at each batch size.
 
     python benchmarks/serving.py [--model DIR] [--num-requests 32] [--arrival offline|poisson]
         [--rate R] [--max-num-seqs 32] [--max-num-batched-tokens 256] [--block-size 16]
-        [--chat-output MEDIAN CAP] [--quick] [--skip-chat] [--skip-135m] [--backend numpy|gpu]
+        [--chat-output MEDIAN CAP] [--short-input MIN MAX] [--quick] [--skip-chat] [--skip-135m]
+        [--backend numpy|gpu]
 
 It prints tables, writes ``benchmarks/results/serving.json`` and ``serving_*.png``.
 Latencies come from the engine's ``EventLog`` (TTFT, TPOT as in DistServe). The machine
@@ -85,12 +87,14 @@ RESULTS = Path(__file__).parent / "results"
 # -------------------------------------------------------------------------------- main
 
 
-VARIED, CHAT = PRESETS["varied"], PRESETS["chat"]
+VARIED, CHAT, SHORT = PRESETS["varied"], PRESETS["chat"], PRESETS["short"]
 FULL = {"num_requests": 128, "input_len": (VARIED.input_len.low, VARIED.input_len.high),
         "output_len": (VARIED.output_len.low, VARIED.output_len.high),
         "chat_output": (int(CHAT.output_len.median), CHAT.output_len.high),
+        "short_input": (SHORT.input_len.low, SHORT.input_len.high),
         "scaling_steps": 8, "scaling_rounds": 3, "scaling_batches": [1, 2, 4, 8, 16, 32]}
 QUICK = {"num_requests": 12, "input_len": (8, 48), "output_len": (4, 96), "chat_output": (25, 96),
+         "short_input": (2, 8),
          "scaling_steps": 3, "scaling_rounds": 1, "scaling_batches": [1, 2, 4, 8]}
 
 
@@ -110,7 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="answer lengths of the second, heavy-tailed workload: a lognormal (sigma 1) with this "
                         f"median, cut at CAP (default {FULL['chat_output'][0]} {FULL['chat_output'][1]}, "
                         f"{QUICK['chat_output'][0]} {QUICK['chat_output'][1]} with --quick)")
-    parser.add_argument("--skip-chat", action="store_true", help="compare on the first workload only")
+    parser.add_argument("--short-input", type=int, nargs=2, metavar=("MIN", "MAX"),
+                        help="prompt lengths of the third workload, the first one's answers after short prompts "
+                        f"(default {FULL['short_input'][0]} {FULL['short_input'][1]})")
+    parser.add_argument("--skip-chat", action="store_true",
+                        help="compare on the first workload only (no chat, no short)")
     parser.add_argument("--shared-prefix-fraction", type=float, default=0.0)
     parser.add_argument("--shared-prefix-len", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -124,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for key in ("num_requests", "input_len", "output_len", "chat_output"):
+    for key in ("num_requests", "input_len", "output_len", "chat_output", "short_input"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     return args
@@ -142,6 +150,11 @@ def chat_workload_from(args: argparse.Namespace, workload: Workload) -> Workload
     """The first workload with heavy-tailed answers: the same prompts and arrivals (each
     aspect draws from its own stream of the seed), only the output lengths differ."""
     return replace(workload, output_len=chat_output_len(*args.chat_output))
+
+
+def short_workload_from(args: argparse.Namespace, workload: Workload) -> Workload:
+    """The first workload's answers after short prompts: generation dominates the work."""
+    return replace(workload, input_len=LengthDistribution("uniform", *args.short_input))
 
 
 def check_model(model: Path, workload: Workload, fix: str = "lower --input-len / --output-len / "
@@ -209,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     by_workload = {"varied": output_length_report(workload, requests, summaries)}
     if chat is not None:
         by_workload["chat"] = compare_on(chat, args, "chat")
+        by_workload["short"] = compare_on(short_workload_from(args, workload), args, "short")
     print_by_workload(by_workload, setup.max_num_seqs)
 
     scaling = run_scaling(args)
@@ -250,13 +264,18 @@ def output_length_report(workload: Workload, requests: list[Request],
     ``static_rows_per_output_token`` is the rows static batching computed per token that
     was asked for: each batch runs ``B`` rows for as many steps as its longest output, so
     this is ``sum(B * longest) / sum(outputs)``, about ``E[max of B outputs] / E[output]``,
-    the gain a continuous batcher that wasted no row and no step would have.
+    the gain a continuous batcher that wasted no row and no step would have if prompts
+    cost nothing. ``work_ratio`` counts the prompts too: every token row static batching
+    computed (padding included) over each system's.
     """
     outputs = np.array([r.max_tokens for r in requests])
-    return {"output_len": {name: getattr(workload.output_len, name) for name in workload.output_len.__slots__},
+    static_work = summaries[STATIC]["tokens_computed"]
+    return {"prompt_len_mean": float(np.mean([len(r.prompt_token_ids) for r in requests])),
+            "output_len": {name: getattr(workload.output_len, name) for name in workload.output_len.__slots__},
             "output_len_p50": float(np.median(outputs)), "output_len_mean": float(outputs.mean()),
             "output_len_p90": float(np.percentile(outputs, 90)), "output_len_max": int(outputs.max()),
             "static_rows_per_output_token": summaries[STATIC]["row_steps_per_output_token"],
+            "work_ratio": {name: static_work / s["tokens_computed"] for name, s in summaries.items()},
             "output_tokens_per_s": {name: s["output_tokens_per_s"] for name, s in summaries.items()},
             "ratio_to_static": {name: s["output_tokens_per_s"] / summaries[STATIC]["output_tokens_per_s"]
                                 for name, s in summaries.items()},

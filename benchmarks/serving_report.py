@@ -47,6 +47,8 @@ def summarize(result: RunResult, requests: list[Request]) -> dict[str, Any]:
                                                                                            strict=True)
                                               if step.num_prefill_seqs),
         "row_steps_per_output_token": sum(s.num_running for s in log.steps) / output_tokens,
+        # every token row a forward pass computed: prompts (recomputed ones too), decodes, padding
+        "tokens_computed": sum(s.num_tokens for s in log.steps) + sum(s.padding_tokens for s in samples),
         "peak_running": max(s.num_running for s in log.steps),
         "mean_running": statistics.fmean(s.num_running for s in log.steps),
         "kv_utilisation_mean": statistics.fmean(s.blocks_used / (s.blocks_used + s.blocks_free) for s in log.steps),
@@ -140,20 +142,23 @@ def print_ratios(ratios: dict[str, dict[str, float | None]], summaries: dict[str
 def print_by_workload(by_workload: dict[str, dict[str, Any]], max_num_seqs: int) -> None:
     print(f"\ncontinuous vs static batching by output-length distribution (same run, same prompts, max_num_seqs "
           f"{max_num_seqs}); goal: continuous >= 3x static")
-    header = (f"{'workload':<10}{'output length':<30}{'p50':>5}{'mean':>6}{'p90':>5}{'max':>5}{'static rows':>12}"
-              f"{'prefill-first':>15}{'chunked':>9}{'(CPU time)':>17}")
+    header = (f"{'workload':<10}{'prompt':>8}{'  output length':<32}{'p50':>5}{'mean':>6}{'max':>5}{'static rows':>12}"
+              f"{'work':>7}{'prefill-first':>15}{'chunked':>9}{'(CPU time)':>17}")
     print(header + "\n" + "-" * len(header))
     for name, w in by_workload.items():
         dist = w["output_len"]
         shape = (f"{dist['kind']} {dist['low']}..{dist['high']}" if dist["median"] is None
                  else f"lognormal p50 {dist['median']:g} s {dist['sigma']:g} cap {dist['high']}")
         wall, cpu = w["ratio_to_static"], w["cpu_ratio_to_static"]
-        print(f"{name:<10}{shape:<30}{w['output_len_p50']:>5.0f}{w['output_len_mean']:>6.0f}{w['output_len_p90']:>5.0f}"
-              f"{w['output_len_max']:>5}{w['static_rows_per_output_token']:>11.2f}x{wall[PREFILL_FIRST]:>14.2f}x"
+        print(f"{name:<10}{w['prompt_len_mean']:>8.0f}  {shape:<30}{w['output_len_p50']:>5.0f}"
+              f"{w['output_len_mean']:>6.0f}{w['output_len_max']:>5}{w['static_rows_per_output_token']:>11.2f}x"
+              f"{w['work_ratio'][CHUNKED]:>6.2f}x{wall[PREFILL_FIRST]:>14.2f}x"
               f"{wall[CHUNKED]:>8.2f}x{cpu[PREFILL_FIRST]:>8.2f}x /{cpu[CHUNKED]:>6.2f}x")
-    print("(output tokens per second, and per CPU-second, over static batching's; static rows = the rows static "
-          "batching computed\n per wanted token, about E[max of B outputs] / E[output]: the gain of a continuous "
-          "batcher that wasted no step)")
+    print("(output tokens per second, and per CPU-second, over static batching's. static rows = the decode rows "
+          "static batching\n computed per wanted token, about E[max of B outputs] / E[output]: the gain of a "
+          "continuous batcher that wasted no step\n if prompts cost nothing; work = all the token rows static "
+          "batching computed (padded prompts too) over those\n chunked prefill computed: the gain if every row cost "
+          "the same)")
 
 
 def print_memory(memory: dict[str, Any], bound: dict[str, Any], static: dict[str, Any]) -> None:

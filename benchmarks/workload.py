@@ -205,6 +205,10 @@ PRESETS: dict[str, Workload] = {
                        output_len=LengthDistribution("lognormal", 16, 512)),
     # the same prompts; answers heavy-tailed as in chat traces
     "chat": Workload(input_len=LengthDistribution("uniform", 64, 256), output_len=chat_output_len()),
+    # short prompts (16..64 tokens: a one-line question, a function signature) and the
+    # answers of "varied": generation dominates the work, as in code completion or stories
+    "short": Workload(input_len=LengthDistribution("uniform", 16, 64),
+                      output_len=LengthDistribution("lognormal", 16, 512)),
 }
 
 

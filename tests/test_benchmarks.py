@@ -83,6 +83,9 @@ def test_the_chat_preset_changes_only_the_answer_lengths():
     assert [r.prompt_token_ids for r in varied] == [r.prompt_token_ids for r in chat]
     assert [r.max_tokens for r in varied] != [r.max_tokens for r in chat]
     assert PRESETS["chat"].max_seq_len <= 1024  # fits the embedded model's context
+    short = preset("short", num_requests=24).generate()
+    assert [r.max_tokens for r in short] == [r.max_tokens for r in varied]  # the same answers, after short prompts
+    assert all(16 <= len(r.prompt_token_ids) <= 64 for r in short)
     with pytest.raises(ValueError, match="unknown workload preset"):
         preset("sharegpt")
 
@@ -197,6 +200,15 @@ def test_static_prefill_computes_left_padding_and_static_rows_count_the_waste(qu
                                           {n: serving.summarize(r, requests) for n, r in results.items()})
     assert report["static_rows_per_output_token"] == static["row_steps_per_output_token"] > 1
     assert report["ratio_to_static"][serving.STATIC] == 1.0 and report["completed"]
+    # work: every token row computed. Static: padded prompts, then every row of every step after the first;
+    # continuous batching (no preemption here): each prompt once and each output token but the last
+    static_rows = sum(len(p) * max(p) + len(p) * (max(r.max_tokens for r in b) - 1)
+                      for p, b in zip(prompts, batches, strict=True))
+    assert static["tokens_computed"] == static_rows
+    chunked = serving.summarize(results[serving.CHUNKED], requests)
+    assert chunked["preemptions"] == 0
+    assert chunked["tokens_computed"] == sum(len(r.prompt_token_ids) + r.max_tokens - 1 for r in requests)
+    assert report["work_ratio"][serving.CHUNKED] == pytest.approx(static_rows / chunked["tokens_computed"])
 
 
 def test_decode_scaling_reports_where_each_step_goes():
@@ -242,7 +254,9 @@ def test_quick_cli_writes_a_sane_report(tmp_path):
     assert saved["systems"].keys() == {serving.STATIC, serving.PREFILL_FIRST, serving.CHUNKED}
     assert all(s["completed"] for s in saved["systems"].values())
     assert saved["ratios_to_static"][serving.STATIC]["output_tokens_per_s"] == 1.0
-    assert saved["by_output_lengths"].keys() == {"varied", "chat"}
+    assert saved["by_output_lengths"].keys() == {"varied", "chat", "short"}
+    by_workload = saved["by_output_lengths"]
+    assert by_workload["short"]["prompt_len_mean"] < by_workload["varied"]["prompt_len_mean"]
     assert saved["by_output_lengths"]["chat"]["output_len"]["kind"] == "capped_lognormal"
     assert all(w["completed"] for w in saved["by_output_lengths"].values())
     assert report["decode_scaling"] is None
