@@ -27,7 +27,7 @@ and where a step's time goes at each batch size.
 
     python benchmarks/serving.py [--model DIR] [--num-requests 32] [--arrival offline|poisson]
         [--rate R] [--max-num-seqs 32] [--max-num-batched-tokens 256] [--block-size 16]
-        [--chat-output MEDIAN CAP] [--short-input MIN MAX] [--quick] [--skip-chat] [--skip-135m]
+        [--chat-output MEDIAN CAP] [--short-input MIN MAX] [--repeats 3] [--quick] [--skip-chat] [--skip-135m]
         [--backend numpy|gpu]
 
 It prints tables, writes ``benchmarks/results/serving.json`` and ``serving_*.png``.
@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -91,10 +92,10 @@ VARIED, CHAT, SHORT = PRESETS["varied"], PRESETS["chat"], PRESETS["short"]
 FULL = {"num_requests": 128, "input_len": (VARIED.input_len.low, VARIED.input_len.high),
         "output_len": (VARIED.output_len.low, VARIED.output_len.high),
         "chat_output": (int(CHAT.output_len.median), CHAT.output_len.high),
-        "short_input": (SHORT.input_len.low, SHORT.input_len.high),
+        "short_input": (SHORT.input_len.low, SHORT.input_len.high), "repeats": 3,
         "scaling_steps": 8, "scaling_rounds": 3, "scaling_batches": [1, 2, 4, 8, 16, 32]}
 QUICK = {"num_requests": 12, "input_len": (8, 48), "output_len": (4, 96), "chat_output": (25, 96),
-         "short_input": (2, 8),
+         "short_input": (2, 8), "repeats": 1,
          "scaling_steps": 3, "scaling_rounds": 1, "scaling_batches": [1, 2, 4, 8]}
 
 
@@ -122,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shared-prefix-fraction", type=float, default=0.0)
     parser.add_argument("--shared-prefix-len", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, help=f"rounds of the three systems per workload; the median run "
+                        f"counts (default {FULL['repeats']}, {QUICK['repeats']} with --quick)")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
@@ -132,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    for key in ("num_requests", "input_len", "output_len", "chat_output", "short_input"):
+    for key in ("num_requests", "input_len", "output_len", "chat_output", "short_input", "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     return args
@@ -171,19 +174,35 @@ def check_model(model: Path, workload: Workload, fix: str = "lower --input-len /
 
 
 def compare_systems(model: Path, backend: str, requests: list[Request], setup: ServingSetup,
-                    verbose: bool = False) -> dict[str, RunResult]:
-    """Static batching, continuous batching and continuous batching with chunked prefill,
-    one after another on the same requests and the same KV memory."""
-    results = {}
-    for name in (STATIC, PREFILL_FIRST, CHUNKED):
-        if verbose:
-            print(f"running {LABELS[name]} ...", flush=True)
-        if name == STATIC:
-            engine = LLMEngine(model, backend, block_size=setup.block_size, num_blocks=1)  # for its runner
-            results[name] = run_static(engine.runner, requests, setup)
-        else:
-            results[name] = run_engine(model, backend, requests, setup, POLICIES[name], name)
-    return results
+                    repeats: int = 1, verbose: bool = False) -> tuple[dict[str, RunResult], list[dict[str, float]]]:
+    """Static batching, continuous batching and continuous batching with chunked prefill
+    on the same requests and the same KV memory, in ``repeats`` rounds of the three in
+    turn (so that load from elsewhere on the machine falls on all three alike).
+
+    Returns each system's median run by output tokens/s (what the tables and plots show)
+    and every round's output tokens/s per system (how much the machine moved them).
+    """
+    runs: dict[str, list[RunResult]] = {name: [] for name in (STATIC, PREFILL_FIRST, CHUNKED)}
+    for round_number in range(repeats):
+        for name, system_runs in runs.items():
+            if verbose:
+                print(f"running {LABELS[name]} ({round_number + 1}/{repeats}) ...", flush=True)
+            if name == STATIC:
+                engine = LLMEngine(model, backend, block_size=setup.block_size, num_blocks=1)  # for its runner
+                system_runs.append(run_static(engine.runner, requests, setup))
+            else:
+                system_runs.append(run_engine(model, backend, requests, setup, POLICIES[name], name))
+    speed = {name: [output_tokens_per_s(run) for run in system_runs] for name, system_runs in runs.items()}
+    rounds = [{name: speed[name][i] for name in runs} for i in range(repeats)]
+    median_runs = {name: system_runs[speed[name].index(statistics.median_low(speed[name]))]
+                   for name, system_runs in runs.items()}
+    return median_runs, rounds
+
+
+def output_tokens_per_s(result: RunResult) -> float:
+    """Generated tokens over the run's makespan (first arrival to last finish)."""
+    end = max(record.finished_time for record in result.log.requests.values())
+    return sum(len(tokens) for tokens in result.outputs.values()) / (end - result.start)
 
 
 def run_memory_bound(model: Path, backend: str, requests: list[Request], setup: ServingSetup) -> RunResult:
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"model {args.model} ({config.num_parameters / 1e6:.1f}M parameters), backend {args.backend}")
     print(f"workload 'varied': {json.dumps(describe(requests))}")
 
-    results = compare_systems(args.model, args.backend, requests, setup, verbose=True)
+    results, rounds = compare_systems(args.model, args.backend, requests, setup, args.repeats, verbose=True)
     summaries = {name: summarize(result, requests) for name, result in results.items()}
     print(f"\nsetup: max_num_seqs {setup.max_num_seqs}; KV memory = {setup.max_num_seqs} contiguous rows of "
           f"{setup.row_len} = {setup.num_blocks} blocks of {setup.block_size}; token budget per step: chunked "
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_ratios(ratios, summaries)
     print_memory(memory, bound_summary, summaries[STATIC])
 
-    by_workload = {"varied": output_length_report(workload, requests, summaries)}
+    by_workload = {"varied": output_length_report(workload, requests, summaries, rounds)}
     if chat is not None:
         by_workload["chat"] = compare_on(chat, args, "chat")
         by_workload["short"] = compare_on(short_workload_from(args, workload), args, "short")
@@ -253,12 +272,12 @@ def compare_on(workload: Workload, args: argparse.Namespace, name: str) -> dict[
     requests = workload.generate()
     print(f"\nworkload '{name}': {json.dumps(describe(requests))}")
     setup = setup_for(requests, args.max_num_seqs, args.max_num_batched_tokens, args.block_size)
-    results = compare_systems(args.model, args.backend, requests, setup, verbose=True)
-    return output_length_report(workload, requests, {n: summarize(r, requests) for n, r in results.items()})
+    results, rounds = compare_systems(args.model, args.backend, requests, setup, args.repeats, verbose=True)
+    return output_length_report(workload, requests, {n: summarize(r, requests) for n, r in results.items()}, rounds)
 
 
-def output_length_report(workload: Workload, requests: list[Request],
-                         summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def output_length_report(workload: Workload, requests: list[Request], summaries: dict[str, dict[str, Any]],
+                         rounds: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """One workload's output lengths and each system's throughput against static batching.
 
     ``static_rows_per_output_token`` is the rows static batching computed per token that
@@ -266,7 +285,8 @@ def output_length_report(workload: Workload, requests: list[Request],
     this is ``sum(B * longest) / sum(outputs)``, about ``E[max of B outputs] / E[output]``,
     the gain a continuous batcher that wasted no row and no step would have if prompts
     cost nothing. ``work_ratio`` counts the prompts too: every token row static batching
-    computed (padding included) over each system's.
+    computed (padding included) over each system's. ``round_ratios`` are each round's
+    output tokens/s over static batching's in the same round.
     """
     outputs = np.array([r.max_tokens for r in requests])
     static_work = summaries[STATIC]["tokens_computed"]
@@ -276,6 +296,7 @@ def output_length_report(workload: Workload, requests: list[Request],
             "output_len_p90": float(np.percentile(outputs, 90)), "output_len_max": int(outputs.max()),
             "static_rows_per_output_token": summaries[STATIC]["row_steps_per_output_token"],
             "work_ratio": {name: static_work / s["tokens_computed"] for name, s in summaries.items()},
+            "round_ratios": {name: [r[name] / r[STATIC] for r in rounds or []] for name in summaries},
             "output_tokens_per_s": {name: s["output_tokens_per_s"] for name, s in summaries.items()},
             "ratio_to_static": {name: s["output_tokens_per_s"] / summaries[STATIC]["output_tokens_per_s"]
                                 for name, s in summaries.items()},

@@ -143,7 +143,7 @@ def print_by_workload(by_workload: dict[str, dict[str, Any]], max_num_seqs: int)
     print(f"\ncontinuous vs static batching by output-length distribution (same run, same prompts, max_num_seqs "
           f"{max_num_seqs}); goal: continuous >= 3x static")
     header = (f"{'workload':<10}{'prompt':>8}{'  output length':<32}{'p50':>5}{'mean':>6}{'max':>5}{'static rows':>12}"
-              f"{'work':>7}{'prefill-first':>15}{'chunked':>9}{'(CPU time)':>17}")
+              f"{'work':>7}{'prefill-first':>15}{'chunked':>9}{'(CPU time)':>17}   chunked, each round")
     print(header + "\n" + "-" * len(header))
     for name, w in by_workload.items():
         dist = w["output_len"]
@@ -153,8 +153,10 @@ def print_by_workload(by_workload: dict[str, dict[str, Any]], max_num_seqs: int)
         print(f"{name:<10}{w['prompt_len_mean']:>8.0f}  {shape:<30}{w['output_len_p50']:>5.0f}"
               f"{w['output_len_mean']:>6.0f}{w['output_len_max']:>5}{w['static_rows_per_output_token']:>11.2f}x"
               f"{w['work_ratio'][CHUNKED]:>6.2f}x{wall[PREFILL_FIRST]:>14.2f}x"
-              f"{wall[CHUNKED]:>8.2f}x{cpu[PREFILL_FIRST]:>8.2f}x /{cpu[CHUNKED]:>6.2f}x")
-    print("(output tokens per second, and per CPU-second, over static batching's. static rows = the decode rows "
+              f"{wall[CHUNKED]:>8.2f}x{cpu[PREFILL_FIRST]:>8.2f}x /{cpu[CHUNKED]:>6.2f}x"
+              f"   {' '.join(f'{r:.2f}' for r in w['round_ratios'][CHUNKED])}")
+    print("(output tokens per second, and per CPU-second, over static batching's, from each system's median run; "
+          "each round:\n the ratio within each round of the three systems. static rows = the decode rows "
           "static batching\n computed per wanted token, about E[max of B outputs] / E[output]: the gain of a "
           "continuous batcher that wasted no step\n if prompts cost nothing; work = all the token rows static "
           "batching computed (padded prompts too) over those\n chunked prefill computed: the gain if every row cost "

@@ -147,9 +147,22 @@ def quick_workload(**overrides) -> Workload:
 def quick_run():
     requests = quick_workload().generate()
     setup = serving.setup_for(requests, max_num_seqs=4, max_num_batched_tokens=32, block_size=8)
-    results = serving.compare_systems(MODEL, "numpy", requests, setup)
+    results, _ = serving.compare_systems(MODEL, "numpy", requests, setup)
     bound = serving.run_memory_bound(MODEL, "numpy", requests, setup)
     return requests, setup, results, bound
+
+
+def test_repeated_rounds_report_every_round_and_keep_each_systems_median_run():
+    requests = quick_workload(num_requests=4).generate()
+    setup = serving.setup_for(requests, max_num_seqs=2, max_num_batched_tokens=32, block_size=8)
+    results, rounds = serving.compare_systems(MODEL, "numpy", requests, setup, repeats=3)
+    assert len(rounds) == 3
+    for name, result in results.items():
+        speeds = sorted(r[name] for r in rounds)
+        assert serving.summarize(result, requests)["output_tokens_per_s"] == pytest.approx(speeds[1])
+    report = serving.output_length_report(quick_workload(), requests,
+                                          {n: serving.summarize(r, requests) for n, r in results.items()}, rounds)
+    assert report["round_ratios"][serving.CHUNKED] == [r[serving.CHUNKED] / r[serving.STATIC] for r in rounds]
 
 
 def test_every_system_finishes_every_request_with_exactly_max_tokens(quick_run):
