@@ -2,8 +2,8 @@
 
 Decoding one token at a time reads every weight once per step and does ~2 FLOPs per
 weight, so its speed limit is memory bandwidth: ``roofline tokens/s = bandwidth /
-weight bytes per step``. This script measures the bandwidth (a large float32 GEMV, the
-same operation decode is made of), then the decode speed of minibatch on
+weight bytes per step``. This script measures, in rounds, the bandwidth (a large float32
+GEMV, the same operation decode is made of) and the decode speed of minibatch on
 
 * the embedded tiny model, and
 * a random checkpoint shaped like SmolLM2-135M (576 hidden, 30 layers, 9 heads,
@@ -13,17 +13,20 @@ and, when ``transformers`` and ``torch`` are installed, Hugging Face's CPU decod
 same checkpoint. Each model is also timed with its weights in the checkpoint's layout
 (``ModelRunner(checkpoint_layout=True)``: 7 GEMVs per layer on separate row-major
 matrices, where the runner's own layout has 4 on stacked column-major ones), alternating
-with the default runs so that both see the same machine. It prints a table and writes
+with the default runs so that both see the same machine. A GEMV runs right after every
+decode step, and each step's speed is compared with the bandwidth of the GEMV beside it,
+so that a change in the machine's load moves both sides of the ratio together; the table
+shows the median round and every round's fraction. It prints the table and writes
 ``benchmarks/results/decode_<backend>.json``.
 
-    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 3] [--out FILE]
+    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 5] [--out FILE]
 
 BLAS threads change both sides of the ratio (a large GEMV scales with threads better than
 a decode step's small ones do), so the results directory keeps one run with the default
 threads (``decode_numpy.json``) and one with ``OPENBLAS_NUM_THREADS=1``
 (``decode_numpy_1thread.json``).
 
-Times are medians over steps; the machine is noisy, so read the ratios.
+Times are medians over steps and rounds; the machine is noisy, so read the ratios.
 """
 
 from __future__ import annotations
@@ -55,21 +58,30 @@ SMOLLM2_135M_SHAPE = {
 }
 
 
-def median_linear_seconds(backend_name: str, tokens: int, rows: int, cols: int, repeats: int) -> float:
-    """Median seconds of ``x @ W.T`` for float32 ``x [tokens, cols]``, ``W [rows, cols]``
-    (the first two runs are warm-up and not counted)."""
-    ops = get_backend(backend_name)
-    rng = np.random.default_rng(0)
-    weight = ops.asarray(rng.standard_normal((rows, cols), dtype=np.float32))
-    x = ops.asarray(rng.standard_normal((tokens, cols), dtype=np.float32))
-    times = []
-    for _ in range(repeats):
-        ops.synchronize()
+class LinearProbe:
+    """``x @ W.T`` for float32 ``x [tokens, cols]`` and ``W [rows, cols]``, kept ready on a
+    backend: ``seconds()`` times one product, ``weight_bytes`` is what it reads."""
+
+    def __init__(self, backend_name: str, tokens: int, rows: int, cols: int):
+        self.ops = get_backend(backend_name)
+        rng = np.random.default_rng(0)
+        self.weight = self.ops.asarray(rng.standard_normal((rows, cols), dtype=np.float32))
+        self.x = self.ops.asarray(rng.standard_normal((tokens, cols), dtype=np.float32))
+        self.weight_bytes = rows * cols * 4
+
+    def seconds(self) -> float:
+        self.ops.synchronize()
         start = time.perf_counter()
-        ops.linear(x, weight)
-        ops.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+        self.ops.linear(self.x, self.weight)
+        self.ops.synchronize()
+        return time.perf_counter() - start
+
+
+def median_linear_seconds(backend_name: str, tokens: int, rows: int, cols: int, repeats: int) -> float:
+    """Median seconds of ``x @ W.T`` (see :class:`LinearProbe`); the first two runs are
+    warm-up and not counted."""
+    probe = LinearProbe(backend_name, tokens, rows, cols)
+    return statistics.median([probe.seconds() for _ in range(repeats)][2:])
 
 
 def measure_gemv_bandwidth(backend_name: str, rows: int = 8192, cols: int = 8192, repeats: int = 15) -> float:
@@ -111,8 +123,11 @@ def write_smollm2_shaped(directory: Path) -> Path:
 
 
 def time_minibatch_decode(model_dir: Path, backend_name: str, prompt_len: int, steps: int,
-                          checkpoint_layout: bool = False) -> list[float]:
-    """Seconds per decode step (batch 1, contiguous KV cache) after a ``prompt_len`` prefill."""
+                          checkpoint_layout: bool = False,
+                          probe: LinearProbe | None = None) -> tuple[list[float], list[float]]:
+    """Seconds per decode step (batch 1, contiguous KV cache) after a ``prompt_len`` prefill,
+    and, with a ``probe``, the seconds of one probe GEMV right after each step (a bandwidth
+    sample taken within milliseconds of the step it is compared with)."""
     config = ModelConfig.from_dir(model_dir)
     runner = ModelRunner(config, load_weights(model_dir, config), get_backend(backend_name),
                          checkpoint_layout=checkpoint_layout)
@@ -120,7 +135,7 @@ def time_minibatch_decode(model_dir: Path, backend_name: str, prompt_len: int, s
     runner.allocate_kv(cache.num_blocks, cache.block_size)
     cache.allocate(0)
     tokens = list(np.random.default_rng(1).integers(0, min(config.vocab_size, 256), prompt_len))
-    times = []
+    times, probe_times = [], []
     position, new = 0, tokens
     for _ in range(steps + 1):
         slots = cache.slot_mapping(0, np.arange(position, position + len(new)))
@@ -128,9 +143,11 @@ def time_minibatch_decode(model_dir: Path, backend_name: str, prompt_len: int, s
         start = time.perf_counter()
         logits = runner.run(batch)  # run() copies logits to the host: a full step
         times.append(time.perf_counter() - start)
+        if probe is not None:
+            probe_times.append(probe.seconds())
         position += len(new)
         new = [int(np.argmax(logits[-1]))]
-    return times[1:]  # drop the prefill
+    return times[1:], probe_times[1:]  # drop the prefill
 
 
 def time_hf_decode(model_dir: Path, prompt_len: int, steps: int) -> list[float] | None:
@@ -154,24 +171,40 @@ def time_hf_decode(model_dir: Path, prompt_len: int, steps: int) -> list[float] 
     return times
 
 
-def benchmark_model(name: str, model_dir: Path, args: argparse.Namespace, bandwidth: float) -> dict:
+def benchmark_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict:
+    """Batch-1 decode of one model against the roofline, in ``args.repeats`` rounds.
+
+    Each round times the runner's layout and the checkpoint's (alternating, so a busy
+    spell on the machine hits both alike). A large GEMV runs right after every decode
+    step, and each step is compared with the bandwidth of the GEMV beside it: on a
+    machine whose load changes from second to second, the pair sees the same machine.
+    A round's fraction of the roofline is the median over its steps; the result is the
+    median round.
+    """
     config = ModelConfig.from_dir(model_dir)
     weights = load_weights(model_dir, config)
     step_bytes = weight_bytes_per_step(weights, config.tie_word_embeddings)
-    roofline = bandwidth / step_bytes
-    runs: dict[bool, list[float]] = {False: [], True: []}  # checkpoint_layout -> median step seconds per run
+    probe = LinearProbe(args.backend, 1, args.gemv_size, args.gemv_size)
+    for _ in range(2):
+        probe.seconds()  # warm-up
+    rounds = []
     for _ in range(args.repeats):
-        for checkpoint_layout in (False, True):  # alternating: a busy spell on the machine hits both alike
-            step_seconds = time_minibatch_decode(model_dir, args.backend, args.prompt_len, args.steps,
-                                                 checkpoint_layout)
-            runs[checkpoint_layout].append(statistics.median(step_seconds))
-    result = {
-        "model": name, "parameters": config.num_parameters, "weight_bytes_per_step": step_bytes,
-        "roofline_tokens_per_s": roofline, "minibatch_tokens_per_s": 1 / statistics.median(runs[False]),
-        "checkpoint_layout_tokens_per_s": 1 / statistics.median(runs[True]),
-    }
-    result["fraction_of_roofline"] = result["minibatch_tokens_per_s"] / roofline
-    result["checkpoint_layout_fraction_of_roofline"] = result["checkpoint_layout_tokens_per_s"] / roofline
+        measured = {}  # checkpoint_layout -> (tokens/s, fraction of the roofline, bandwidth)
+        for checkpoint_layout in (False, True):
+            steps, gemvs = time_minibatch_decode(model_dir, args.backend, args.prompt_len, args.steps,
+                                                 checkpoint_layout, probe)
+            # (step_bytes / step) / (probe bytes / gemv): this step's speed over the roofline beside it
+            fractions = [step_bytes * gemv / (probe.weight_bytes * step) for step, gemv in zip(steps, gemvs,
+                                                                                                strict=True)]
+            measured[checkpoint_layout] = (1 / statistics.median(steps), statistics.median(fractions),
+                                           probe.weight_bytes / statistics.median(gemvs))
+        bandwidth = measured[False][2]
+        rounds.append({"gemv_bandwidth_bytes_per_s": bandwidth, "roofline_tokens_per_s": bandwidth / step_bytes,
+                       "minibatch_tokens_per_s": measured[False][0], "fraction_of_roofline": measured[False][1],
+                       "checkpoint_layout_tokens_per_s": measured[True][0],
+                       "checkpoint_layout_fraction_of_roofline": measured[True][1]})
+    result = {"model": name, "parameters": config.num_parameters, "weight_bytes_per_step": step_bytes,
+              **{key: statistics.median(r[key] for r in rounds) for key in rounds[0]}, "rounds": rounds}
     if not args.no_hf and args.backend == "numpy":
         hf = time_hf_decode(model_dir, args.prompt_len, args.steps)
         if hf is not None:
@@ -180,43 +213,46 @@ def benchmark_model(name: str, model_dir: Path, args: argparse.Namespace, bandwi
     return result
 
 
-def print_table(bandwidth: float, results: list[dict]) -> None:
-    print(f"\nmeasured GEMV bandwidth: {bandwidth / 1e9:.2f} GB/s\n")
-    header = (f"{'model':<22}{'params':>12}{'MB/step':>10}{'roofline':>11}{'minibatch':>11}{'of roof':>9}"
-              f"{'ckpt layout':>13}{'of roof':>9}{'HF':>9}")
-    print(header + "\n" + "-" * len(header))
+def print_table(results: list[dict]) -> None:
+    header = (f"{'model':<22}{'params':>12}{'MB/step':>10}{'GB/s':>7}{'roofline':>10}{'minibatch':>11}{'of roof':>9}"
+              f"{'rounds':>17}{'ckpt layout':>13}{'of roof':>9}{'HF':>8}")
+    print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         hf = f"{r['hf_transformers_tokens_per_s']:.1f}" if "hf_transformers_tokens_per_s" in r else "-"
+        each = " " + " ".join(f"{x['fraction_of_roofline']:.0%}" for x in r["rounds"])
         print(f"{r['model']:<22}{r['parameters']:>12,}{r['weight_bytes_per_step'] / 1e6:>10.1f}"
-              f"{r['roofline_tokens_per_s']:>11.1f}{r['minibatch_tokens_per_s']:>11.1f}"
-              f"{r['fraction_of_roofline']:>9.0%}{r['checkpoint_layout_tokens_per_s']:>13.1f}"
-              f"{r['checkpoint_layout_fraction_of_roofline']:>9.0%}{hf:>9}")
-    print("\n(tokens/s, batch 1; roofline = bandwidth / weight bytes per step; minibatch: q/k/v and gate/up "
-          "stacked, matrices column-major; ckpt layout: the checkpoint's separate row-major matrices)")
+              f"{r['gemv_bandwidth_bytes_per_s'] / 1e9:>7.1f}{r['roofline_tokens_per_s']:>10.1f}"
+              f"{r['minibatch_tokens_per_s']:>11.1f}{r['fraction_of_roofline']:>9.0%}{each:>17}"
+              f"{r['checkpoint_layout_tokens_per_s']:>13.1f}{r['checkpoint_layout_fraction_of_roofline']:>9.0%}"
+              f"{hf:>8}")
+    print("\n(tokens/s, batch 1, medians of the rounds. GB/s = the measured GEMV bandwidth; roofline = bandwidth / "
+          "weight bytes per step;\n rounds = each round's median, over its steps, of a step's speed over the "
+          "roofline of a GEMV run right after it;\n minibatch: q/k/v and gate/up stacked, matrices column-major; "
+          "ckpt layout: the checkpoint's separate row-major matrices)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="numpy", choices=["numpy", "gpu"])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per model (median taken)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per model (median taken)")
+    parser.add_argument("--gemv-size", type=int, default=8192, help="rows and columns of the bandwidth GEMV")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--skip-135m", action="store_true", help="only the embedded model")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/decode_<backend>.json)")
     args = parser.parse_args()
 
-    bandwidth = measure_gemv_bandwidth(args.backend)
-    results = [benchmark_model("tiny-target (embedded)", DEFAULT_MODEL, args, bandwidth)]
+    results = [benchmark_model("tiny-target (embedded)", DEFAULT_MODEL, args)]
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_135m:
             model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")
-            results.append(benchmark_model("SmolLM2-135M-shaped", model_dir, args, bandwidth))
-    print_table(bandwidth, results)
+            results.append(benchmark_model("SmolLM2-135M-shaped", model_dir, args))
+    print_table(results)
     out = args.out or RESULTS / f"decode_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "decode", "backend": args.backend, "gemv_bandwidth_bytes_per_s": bandwidth,
-              "machine": platform.platform(), "processor": platform.processor(),
+    report = {"benchmark": "decode", "backend": args.backend, "machine": platform.platform(),
+              "processor": platform.processor(),
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
               "results": results}

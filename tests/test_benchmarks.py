@@ -6,6 +6,7 @@ this module puts that directory on ``sys.path`` to import them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -278,3 +279,19 @@ def test_quick_cli_writes_a_sane_report(tmp_path):
 def test_a_workload_too_long_for_the_model_is_refused():
     with pytest.raises(SystemExit, match="exceeds the model's context"):
         serving.check_model(MODEL, quick_workload(output_len=LengthDistribution("fixed", 1, 300)))
+
+
+def test_decode_benchmark_pairs_every_step_with_a_gemv_and_takes_the_median_round():
+    import decode
+
+    probe = decode.LinearProbe("numpy", 1, 64, 64)
+    steps, gemvs = decode.time_minibatch_decode(MODEL, "numpy", prompt_len=4, steps=5, probe=probe)
+    assert len(steps) == len(gemvs) == 5 and min(steps + gemvs) > 0
+    args = argparse.Namespace(backend="numpy", repeats=3, gemv_size=256, prompt_len=4, steps=3, no_hf=True)
+    result = decode.benchmark_model("tiny", MODEL, args)
+    assert len(result["rounds"]) == 3
+    fractions = sorted(r["fraction_of_roofline"] for r in result["rounds"])
+    assert result["fraction_of_roofline"] == pytest.approx(fractions[1])  # the median round
+    for r in result["rounds"]:
+        bandwidth = r["gemv_bandwidth_bytes_per_s"]
+        assert r["roofline_tokens_per_s"] == pytest.approx(bandwidth / result["weight_bytes_per_step"])
