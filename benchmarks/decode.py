@@ -15,8 +15,10 @@ same checkpoint. Each model is also timed with its weights in the checkpoint's l
 matrices, where the runner's own layout has 4 on stacked column-major ones), alternating
 with the default runs so that both see the same machine. A GEMV runs right after every
 decode step, and each step's speed is compared with the bandwidth of the GEMV beside it,
-so that a change in the machine's load moves both sides of the ratio together; the table
-shows the median round and every round's fraction. It prints the table and writes
+so that a change in the machine's load moves both sides of the ratio together (the GEMV
+also evicts the caches, so a model small enough to stay in the last-level cache is
+measured reading its weights from memory, as the roofline assumes); the table shows the
+median round and every round's fraction. It prints the table and writes
 ``benchmarks/results/decode_<backend>.json``.
 
     python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 5] [--out FILE]
