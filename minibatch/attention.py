@@ -182,7 +182,8 @@ def decode_groups(context_lens: np.ndarray, row_bytes: int, max_bytes: int = DEC
 
     :func:`decode_attention` pads every sequence to the longest; taking sequences of
     similar length together wastes little on padding, and a small gather stays in
-    cache (``benchmarks/serving.py`` shows the effect). Short contexts make one group.
+    cache, where one large padded copy per layer would be a fresh allocation of many
+    megabytes every step. Short contexts make one group.
     """
     order = np.argsort(context_lens, kind="stable")[::-1]  # longest first
     groups, start = [], 0
