@@ -258,8 +258,9 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         """Admit waiting sequences in policy order while they fit; stop at the first that
         does not (no overtaking, so a long prompt cannot starve)."""
+        seats_taken = self.num_seats()
         for sequence in sorted(self.waiting, key=self.policy.queue_order):
-            if budget <= 0 or self.num_seats() + self.seats(sequence) > self.max_num_seqs:
+            if budget <= 0 or seats_taken + self.seats(sequence) > self.max_num_seqs:
                 break
             hits = self.cache.cached_prefix(sequence.token_ids)  # hashed once per admission
             if not self.cache.can_allocate(sequence.token_ids, self.watermark_blocks, hits):
@@ -271,6 +272,7 @@ class Scheduler:
                 self.cache.allocate(sequence.seq_id, sequence.token_ids, hits)
             self.waiting.remove(sequence)
             self.running.append(sequence)
+            seats_taken += self.seats(sequence)
             sequence.status = SequenceStatus.RUNNING
             num_tokens = min(sequence.num_uncomputed_tokens, budget)
             out.scheduled.append(ScheduledSequence(sequence, num_tokens))
