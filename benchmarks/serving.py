@@ -192,17 +192,12 @@ def compare_systems(model: Path, backend: str, requests: list[Request], setup: S
                 system_runs.append(run_static(engine.runner, requests, setup))
             else:
                 system_runs.append(run_engine(model, backend, requests, setup, POLICIES[name], name))
-    speed = {name: [output_tokens_per_s(run) for run in system_runs] for name, system_runs in runs.items()}
+    speed = {name: [summarize(run, requests)["output_tokens_per_s"] for run in system_runs]
+             for name, system_runs in runs.items()}
     rounds = [{name: speed[name][i] for name in runs} for i in range(repeats)]
     median_runs = {name: system_runs[speed[name].index(statistics.median_low(speed[name]))]
                    for name, system_runs in runs.items()}
     return median_runs, rounds
-
-
-def output_tokens_per_s(result: RunResult) -> float:
-    """Generated tokens over the run's makespan (first arrival to last finish)."""
-    end = max(record.finished_time for record in result.log.requests.values())
-    return sum(len(tokens) for tokens in result.outputs.values()) / (end - result.start)
 
 
 def run_memory_bound(model: Path, backend: str, requests: list[Request], setup: ServingSetup) -> RunResult:
