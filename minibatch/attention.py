@@ -101,38 +101,42 @@ def gather_kv(cache: np.ndarray, block_table: np.ndarray, context_len: int,
     return blocks.reshape(-1, *cache.shape[2:])[:context_len]  # [S, Hkv, D]
 
 
+def gather_padded(pool: np.ndarray, tables: np.ndarray, length: int) -> np.ndarray:
+    """The first ``length`` slots of each sequence's blocks, padded: ``pool`` is
+    ``[num_blocks, block_size, ...]``, ``tables`` ``[S, B]`` block ids with
+    ``B * block_size >= length``; ``-> [S, length, ...]``. Slots past a sequence's own
+    context (and blocks named ``-1``) hold whatever is there: the caller masks them.
+    """
+    if tables.shape[1] == 1:  # one block each (a contiguous cache): copy the used slots, not whole rows
+        return pool[tables[:, 0], :length]  # [S, length, ...]
+    return pool[tables].reshape(len(tables), -1, *pool.shape[2:])[:, :length]  # [S, length, ...]
+
+
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_lens: np.ndarray, scale: float, k_scale: np.ndarray | None = None,
                      v_scale: np.ndarray | None = None) -> np.ndarray:
     """Attention for ``S`` sequences with one query each (decode), all at once.
 
-    Gathers every sequence's blocks into one padded ``[S, L, Hkv, D]`` array and masks
-    the padding, so the whole batch is two batched matmuls instead of ``S`` small ones.
-    Same result as :func:`cached_attention` on single-query sequences.
-    ``[S, Hq, D] -> [S, Hq, D]``.
+    Gathers every sequence's blocks into one padded ``[S, L, Hkv, D]`` array (``L`` the
+    longest context) and masks the padding, so the whole batch is two batched matmuls
+    instead of ``S`` small ones. Same result as :func:`cached_attention` on single-query
+    sequences. ``[S, Hq, D] -> [S, Hq, D]``.
     """
     num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     max_context = int(np.max(context_lens))
-    max_blocks = -(-max_context // block_size)
-    tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding, masked below)
-    # gather only the first max_context slots: with one big block per sequence (a
-    # contiguous cache) copying whole rows would cost far more than the attention
-    k = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim) if max_blocks > 1 else \
-        k_cache[tables[:, 0], :max_context]  # [S, L, Hkv, D]
-    v = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim) if max_blocks > 1 else \
-        v_cache[tables[:, 0], :max_context]  # [S, L, Hkv, D]
+    tables = block_tables[:, :-(-max_context // k_cache.shape[1])]  # [S, B] (-1 past a table's end: padding)
+    k = gather_padded(k_cache, tables, max_context)  # [S, L, Hkv, D]
+    v = gather_padded(v_cache, tables, max_context)  # [S, L, Hkv, D]
     if k_scale is not None:  # int8 cache: dequantize what was gathered, one scale per token and head
-        k_scales = k_scale[tables].reshape(num_seqs, -1, num_kv_heads) if max_blocks > 1 else \
-            k_scale[tables[:, 0], :max_context]
-        v_scales = v_scale[tables].reshape(num_seqs, -1, num_kv_heads) if max_blocks > 1 else \
-            v_scale[tables[:, 0], :max_context]
-        k, v = k * k_scales[..., None], v * v_scales[..., None]
+        k = k * gather_padded(k_scale, tables, max_context)[..., None]  # [S, L, Hkv, D]
+        v = v * gather_padded(v_scale, tables, max_context)[..., None]  # [S, L, Hkv, D]
     q = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
     scores = q @ k.transpose(0, 2, 3, 1) * scale  # [S, Hkv, G, L]
-    padding = np.arange(k.shape[1])[None, :] >= np.asarray(context_lens)[:, None]  # [S, L]
-    scores = np.where(padding[:, None, None, :], -np.inf, scores)  # [S, Hkv, G, L]
+    if np.min(context_lens) < k.shape[1]:  # some sequences are shorter than the gather: mask their padding
+        padding = np.arange(k.shape[1])[None, :] >= np.asarray(context_lens)[:, None]  # [S, L]
+        scores = np.where(padding[:, None, None, :], -np.inf, scores)  # [S, Hkv, G, L]
     out = softmax(scores) @ v.transpose(0, 2, 1, 3)  # [S, Hkv, G, D]
     return out.reshape(num_seqs, num_heads, head_dim)  # [S, Hq, D]
 
@@ -155,11 +159,14 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     each) go through :func:`decode_attention` in groups of similar length
     (:func:`decode_groups`): the same math, batched.
     """
-    out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
     num_queries = np.diff(query_start_loc)  # [S]
     decoding = np.flatnonzero(num_queries == 1)
     row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize  # one token's keys
-    for group in decode_groups(context_lens[decoding], row_bytes, DECODE_GROUP_BYTES):
+    groups = decode_groups(context_lens[decoding], row_bytes, DECODE_GROUP_BYTES)
+    if len(decoding) == len(context_lens) and len(groups) == 1:  # a decode step in one group: no regrouping
+        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
+    for group in groups:
         seqs = decoding[group]
         rows = query_start_loc[seqs]
         out[rows] = decode_attention(q[rows], k_cache, v_cache, block_tables[seqs],

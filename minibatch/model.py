@@ -212,24 +212,27 @@ class ForwardBatch:
 
 
 def qkv_projections(ops: Backend, config: ModelConfig, w: FusedLayerWeights | LayerWeights,
-                    h: Any) -> tuple[Any, Any, Any]:
-    """Queries, keys and values: ``[N, H] -> [N, Hq, D], [N, Hkv, D], [N, Hkv, D]``.
+                    h: Any) -> tuple[Any, Any]:
+    """Queries and keys side by side, and values: ``[N, H] -> [N, Hq+Hkv, D], [N, Hkv, D]``.
 
-    Fused weights (what a :class:`ModelRunner` holds) take one GEMV whose output columns
-    are split into views; a checkpoint's :class:`LayerWeights` take three (a runner built
-    with ``checkpoint_layout=True``, which the decode benchmark times for comparison).
+    Queries and keys come as one array, heads ``0..Hq-1`` the queries and the rest the
+    keys, because RoPE rotates both by the same angles: one call rotates them together
+    (as vLLM's rotary embedding takes query and key at once). Fused weights (what a
+    :class:`ModelRunner` holds) take one GEMV whose output columns are split into views;
+    a checkpoint's :class:`LayerWeights` take three (a runner built with
+    ``checkpoint_layout=True``, which the decode benchmark times for comparison).
     """
     n, d = h.shape[0], config.head_dim
+    qk_heads = config.num_heads + config.num_kv_heads
     if isinstance(w, FusedLayerWeights):
         qkv = ops.linear(h, w.qkv_proj, w.qkv_bias)  # [N, (Hq+2Hkv)*D]
-        q_end, k_end = config.num_heads * d, (config.num_heads + config.num_kv_heads) * d
-        q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]  # views, no copies
+        qk, v = qkv[:, :qk_heads * d], qkv[:, qk_heads * d:]  # views, no copies
     else:
         q = ops.linear(h, w.q_proj, w.q_bias)  # [N, Hq*D]
         k = ops.linear(h, w.k_proj, w.k_bias)  # [N, Hkv*D]
         v = ops.linear(h, w.v_proj, w.v_bias)  # [N, Hkv*D]
-    return (q.reshape(n, config.num_heads, d), k.reshape(n, config.num_kv_heads, d),
-            v.reshape(n, config.num_kv_heads, d))
+        qk = ops.xp.concatenate([q, k], axis=1)  # [N, (Hq+Hkv)*D]
+    return qk.reshape(n, qk_heads, d), v.reshape(n, config.num_kv_heads, d)
 
 
 def gate_up_projections(ops: Backend, w: FusedLayerWeights | LayerWeights, h: Any) -> tuple[Any, Any]:
@@ -247,9 +250,9 @@ def decoder_layer(ops: Backend, config: ModelConfig, w: FusedLayerWeights | Laye
     """One pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
     n, d = x.shape[0], config.head_dim
     h = ops.rms_norm(x, w.input_norm, config.rms_norm_eps)  # [N, H]
-    q, k, v = qkv_projections(ops, config, w, h)  # [N, Hq, D], [N, Hkv, D], [N, Hkv, D]
-    q = ops.apply_rope(q, device_batch["positions"], inv_freq)  # [N, Hq, D]
-    k = ops.apply_rope(k, device_batch["positions"], inv_freq)  # [N, Hkv, D]
+    qk, v = qkv_projections(ops, config, w, h)  # [N, Hq+Hkv, D], [N, Hkv, D]
+    qk = ops.apply_rope(qk, device_batch["positions"], inv_freq)  # [N, Hq+Hkv, D]
+    q, k = qk[:, :config.num_heads], qk[:, config.num_heads:]  # [N, Hq, D], [N, Hkv, D]
     if "k_residual" in kv:  # a KIVI cache stores and attends in one call (minibatch/kivi.py)
         attn = ops.kivi_attention(q, k, v, **kv, block_tables=device_batch["block_tables"],
                                   residual_rows=device_batch["residual_rows"],
