@@ -9,8 +9,9 @@ GEMV, the same operation decode is made of) and the decode speed of minibatch on
 * a random checkpoint shaped like SmolLM2-135M (576 hidden, 30 layers, 9 heads,
   3 KV heads, 1536 MLP, 49152 vocab, tied embeddings), written locally,
 
-and, when ``transformers`` and ``torch`` are installed, Hugging Face's CPU decode of the
-same checkpoint. Each model is also timed with its weights in the checkpoint's layout
+and, when ``transformers`` and ``torch`` are installed, Hugging Face's decode of the same
+checkpoint on the same kind of processor (the CPU beside the NumPy backend, the GPU beside
+the GPU backend). Each model is also timed with its weights in the checkpoint's layout
 (``ModelRunner(checkpoint_layout=True)``: 7 GEMVs per layer on separate row-major
 matrices, where the runner's own layout has 4 on stacked column-major ones), alternating
 with the default runs so that both see the same machine. A GEMV runs right after every
@@ -152,24 +153,31 @@ def time_minibatch_decode(model_dir: Path, backend_name: str, prompt_len: int, s
     return times[1:], probe_times[1:]  # drop the prefill
 
 
-def time_hf_decode(model_dir: Path, prompt_len: int, steps: int) -> list[float] | None:
-    """Seconds per decode step of transformers' LlamaForCausalLM on the CPU (None if absent)."""
+def time_hf_decode(model_dir: Path, prompt_len: int, steps: int, device: str = "cpu") -> list[float] | None:
+    """Seconds per decode step of transformers' LlamaForCausalLM on ``device`` ("cpu" or
+    "cuda"; None if transformers, torch or that device is absent)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.randint(0, 256, (1, prompt_len))
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    ids = torch.randint(0, 256, (1, prompt_len), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         out = model(ids, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
+            sync()
             start = time.perf_counter()
             out = model(token, past_key_values=past, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            sync()
             times.append(time.perf_counter() - start)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past = out.past_key_values
     return times
 
 
@@ -207,8 +215,8 @@ def benchmark_model(name: str, model_dir: Path, args: argparse.Namespace) -> dic
                        "checkpoint_layout_fraction_of_roofline": measured[True][1]})
     result = {"model": name, "parameters": config.num_parameters, "weight_bytes_per_step": step_bytes,
               **{key: statistics.median(r[key] for r in rounds) for key in rounds[0]}, "rounds": rounds}
-    if not args.no_hf and args.backend == "numpy":
-        hf = time_hf_decode(model_dir, args.prompt_len, args.steps)
+    if not args.no_hf:  # on the same kind of processor: the CPU for numpy, the GPU for gpu
+        hf = time_hf_decode(model_dir, args.prompt_len, args.steps, "cpu" if args.backend == "numpy" else "cuda")
         if hf is not None:
             result["hf_transformers_tokens_per_s"] = 1 / statistics.median(hf)
             result["minibatch_over_hf"] = result["minibatch_tokens_per_s"] / result["hf_transformers_tokens_per_s"]
