@@ -295,3 +295,39 @@ def test_decode_benchmark_pairs_every_step_with_a_gemv_and_takes_the_median_roun
     for r in result["rounds"]:
         bandwidth = r["gemv_bandwidth_bytes_per_s"]
         assert r["roofline_tokens_per_s"] == pytest.approx(bandwidth / result["weight_bytes_per_step"])
+
+
+def test_attention_benchmark_cases_use_every_block_once_and_count_the_kv_bytes(tmp_path):
+    import attention
+
+    from minibatch.attention import causal_attention
+    from minibatch.backend import get_backend
+
+    ops = get_backend("numpy")
+    for scattered in (True, False):
+        case = attention.decode_case(ops, num_seqs=3, context_len=20, block_size=8, heads=(4, 2, 8),
+                                     scattered=scattered)
+        tables = case["block_tables"]
+        assert tables.shape == (3, 3) and sorted(tables.ravel().tolist()) == list(range(9))  # no block shared
+        assert scattered or tables.ravel().tolist() == list(range(9))
+        out = ops.cached_attention(**case)  # the call the benchmark times attends to each sequence's own keys
+        for s in range(3):
+            slots = (tables[s][:, None] * 8 + np.arange(8)).ravel()[:20]
+            k = case["k_cache"].reshape(-1, 2, 8)[slots]
+            v = case["v_cache"].reshape(-1, 2, 8)[slots]
+            np.testing.assert_allclose(out[s], causal_attention(case["q"][s:s + 1], k, v, case["scale"])[0],
+                                       rtol=1e-5, atol=1e-6)
+    assert attention.kv_bytes(3, 20, 2, 8) == 3 * 20 * 2 * 8 * 2 * 4
+
+    report = attention.main(["--quick", "--no-plot", "--out", str(tmp_path / "attention.json")])
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    quick = attention.QUICK
+    assert [(r["num_seqs"], r["context_len"]) for r in saved["rows"]] == \
+        [(s, c) for s in quick["batch_sizes"] for c in quick["context_lens"]]
+    for row in saved["rows"]:
+        assert row["kv_bytes"] == attention.kv_bytes(row["num_seqs"], row["context_len"], 3, 64)
+        for layout in ("scattered", "in_order"):
+            measured = row[layout]
+            assert measured["seconds"] > 0 and measured["fraction_of_roofline"] > 0
+            assert measured["bytes_per_s"] == pytest.approx(row["kv_bytes"] / measured["seconds"])
