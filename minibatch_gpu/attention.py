@@ -36,7 +36,12 @@ from minibatch_gpu.device import (
 )
 
 MAX_HEAD_DIM = 256  # shared memory is sized at compile time, so head_dim has a bound
-ATTENTION_THREADS = 32  # one warp per (token, head): 32 x 256 float32 accumulators = 32 KiB shared
+ATTENTION_THREADS = 32  # one warp per (token, head): 32 x 257 float32 accumulators, about 32 KiB shared
+# A thread's accumulator row is one word longer than the longest head: shared memory has
+# 32 banks of 4-byte words, and with rows of 256 words element d of every thread's row
+# would sit in the same bank, so the warp's 32 updates of element d would queue one after
+# another. Rows of 257 words put thread t's element d in bank (t + d) % 32: all different.
+ACC_ROW_WORDS = MAX_HEAD_DIM + 1
 WRITE_KV_THREADS = 256
 
 # ------------------------------------------------------------------------- kernels
@@ -145,7 +150,7 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
     """
     row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
     row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
-    row_acc = cuda.shared.array((ATTENTION_THREADS, MAX_HEAD_DIM), float32)  # [T, D] its sum of exp(..) * v
+    row_acc = cuda.shared.array((ATTENTION_THREADS, ACC_ROW_WORDS), float32)  # [T, D+] its sum of exp(..) * v
     thread, num_threads = cuda.threadIdx.x, cuda.blockDim.x
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D]

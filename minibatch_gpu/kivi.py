@@ -27,6 +27,7 @@ from numba import cuda, float32
 
 from minibatch.kivi import LEVELS, value_group_size
 from minibatch_gpu.attention import (
+    ACC_ROW_WORDS,
     ATTENTION_THREADS,
     MAX_HEAD_DIM,
     _merge_partial_softmaxes,
@@ -166,7 +167,7 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
     """
     row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
     row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
-    row_acc = cuda.shared.array((ATTENTION_THREADS, MAX_HEAD_DIM), float32)  # [T, D] its sum of exp(..) * v
+    row_acc = cuda.shared.array((ATTENTION_THREADS, ACC_ROW_WORDS), float32)  # [T, D+] its sum of exp(..) * v
     thread, num_threads = cuda.threadIdx.x, cuda.blockDim.x
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D/4]
