@@ -297,8 +297,10 @@ def test_decode_benchmark_pairs_every_step_with_a_gemv_and_takes_the_median_roun
         assert r["roofline_tokens_per_s"] == pytest.approx(bandwidth / result["weight_bytes_per_step"])
 
 
-def test_attention_benchmark_cases_use_every_block_once_and_count_the_kv_bytes(tmp_path):
+def test_attention_benchmark_cases_use_every_block_once_and_count_the_kv_bytes(tmp_path, monkeypatch):
     import attention
+
+    monkeypatch.setattr(attention, "keep_freed_memory", lambda: False)  # leave the test process's allocator be
 
     from minibatch.attention import causal_attention
     from minibatch.backend import get_backend
@@ -321,7 +323,7 @@ def test_attention_benchmark_cases_use_every_block_once_and_count_the_kv_bytes(t
 
     report = attention.main(["--quick", "--no-plot", "--out", str(tmp_path / "attention.json")])
     saved = json.loads((tmp_path / "attention.json").read_text())
-    assert saved == json.loads(json.dumps(report))
+    assert saved == json.loads(json.dumps(report)) and saved["freed_memory_kept"] is False
     quick = attention.QUICK
     assert [(r["num_seqs"], r["context_len"]) for r in saved["rows"]] == \
         [(s, c) for s in quick["batch_sizes"] for c in quick["context_lens"]]
