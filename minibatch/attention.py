@@ -126,7 +126,8 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     max_context = int(np.max(context_lens))
-    tables = block_tables[:, :-(-max_context // k_cache.shape[1])]  # [S, B] (-1 past a table's end: padding)
+    max_blocks = -(-max_context // k_cache.shape[1])  # ceil: the blocks the longest context fills
+    tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding)
     k = gather_padded(k_cache, tables, max_context)  # [S, L, Hkv, D]
     v = gather_padded(v_cache, tables, max_context)  # [S, L, Hkv, D]
     if k_scale is not None:  # int8 cache: dequantize what was gathered, one scale per token and head
