@@ -170,4 +170,6 @@ def test_cached_attention_decode_grouping_changes_nothing(context_lens, block_si
         one_each = attention.cached_attention(*args)
     finally:
         attention.DECODE_GROUP_BYTES = saved
-    np.testing.assert_allclose(one_each, one_group, rtol=1e-6, atol=1e-7)
+    # float32, and a group gathers as many keys as its longest context, so a sequence's sums run over
+    # different lengths in the two layouts: equal up to rounding (any mix-up would be off by O(1))
+    np.testing.assert_allclose(one_each, one_group, rtol=1e-5, atol=1e-6)
