@@ -90,26 +90,25 @@ def gather_kv(cache: np.ndarray, block_table: np.ndarray, context_len: int,
               scale: np.ndarray | None = None) -> np.ndarray:
     """One sequence's first ``context_len`` cached tokens, in order, dequantized when the
     cache is int8 (``scale``: ``[num_blocks, block_size, Hkv]``): ``-> [S, Hkv, D]``."""
-    block_size = cache.shape[1]
-    num_blocks = -(-context_len // block_size)  # ceil
-    if num_blocks == 1:  # a view, no copy: the common case of a contiguous cache
-        values = cache[block_table[0], :context_len]  # [S, Hkv, D]
-        return values if scale is None else values * scale[block_table[0], :context_len, :, None]
-    blocks = cache[block_table[:num_blocks]]  # [num_blocks, block_size, Hkv, D]
-    if scale is not None:
-        blocks = blocks * scale[block_table[:num_blocks]][..., None]  # dequantize
-    return blocks.reshape(-1, *cache.shape[2:])[:context_len]  # [S, Hkv, D]
+    num_blocks = -(-context_len // cache.shape[1])  # ceil
+    return gather_padded(cache, block_table[None, :num_blocks], context_len, scale)[0]  # [S, Hkv, D]
 
 
-def gather_padded(pool: np.ndarray, tables: np.ndarray, length: int) -> np.ndarray:
+def gather_padded(pool: np.ndarray, tables: np.ndarray, length: int, scale: np.ndarray | None = None) -> np.ndarray:
     """The first ``length`` slots of each sequence's blocks, padded: ``pool`` is
     ``[num_blocks, block_size, ...]``, ``tables`` ``[S, B]`` block ids with
-    ``B * block_size >= length``; ``-> [S, length, ...]``. Slots past a sequence's own
+    ``B * block_size >= length``; ``-> [S, length, ...]``, dequantized when the pool is
+    int8 (``scale``: ``[num_blocks, block_size, Hkv]``). Slots past a sequence's own
     context (and blocks named ``-1``) hold whatever is there: the caller masks them.
     """
+    values = _gather_slots(pool, tables, length)  # [S, length, ...]
+    return values if scale is None else values * _gather_slots(scale, tables, length)[..., None]
+
+
+def _gather_slots(array: np.ndarray, tables: np.ndarray, length: int) -> np.ndarray:
     if tables.shape[1] == 1:  # one block each (a contiguous cache): copy the used slots, not whole rows
-        return pool[tables[:, 0], :length]  # [S, length, ...]
-    return pool[tables].reshape(len(tables), -1, *pool.shape[2:])[:, :length]  # [S, length, ...]
+        return array[tables[:, 0], :length]  # [S, length, ...]
+    return array[tables].reshape(len(tables), -1, *array.shape[2:])[:, :length]  # [S, length, ...]
 
 
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
@@ -128,11 +127,8 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     max_context = int(np.max(context_lens))
     max_blocks = -(-max_context // k_cache.shape[1])  # ceil: the blocks the longest context fills
     tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding)
-    k = gather_padded(k_cache, tables, max_context)  # [S, L, Hkv, D]
-    v = gather_padded(v_cache, tables, max_context)  # [S, L, Hkv, D]
-    if k_scale is not None:  # int8 cache: dequantize what was gathered, one scale per token and head
-        k = k * gather_padded(k_scale, tables, max_context)[..., None]  # [S, L, Hkv, D]
-        v = v * gather_padded(v_scale, tables, max_context)[..., None]  # [S, L, Hkv, D]
+    k = gather_padded(k_cache, tables, max_context, k_scale)  # [S, L, Hkv, D]
+    v = gather_padded(v_cache, tables, max_context, v_scale)  # [S, L, Hkv, D]
     q = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
     scores = q @ k.transpose(0, 2, 3, 1) * scale  # [S, Hkv, G, L]
     if np.min(context_lens) < k.shape[1]:  # some sequences are shorter than the gather: mask their padding
