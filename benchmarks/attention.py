@@ -17,7 +17,9 @@ random order (what a paged cache looks like after a while of serving) and with t
 order (a contiguous cache's layout), so the table shows what the scattered reads cost.
 The NumPy reference gathers the blocks into a padded array before two batched matmuls
 (``minibatch.attention.decode_attention``); the GPU kernel reads K and V through the
-block table with an online softmax and never gathers.
+block table with an online softmax and never gathers. On the GPU a third timing keeps
+each context in one partition (one block per query and head, no split), so the table
+shows what splitting small batches' contexts over more blocks gains.
 
 On Linux the script first asks glibc to keep freed memory for reuse
 (:func:`keep_freed_memory`). By default glibc hands a freed block of more than 128 KiB
@@ -119,8 +121,8 @@ def measure(backend: str, batch_sizes: tuple[int, ...], context_lens: tuple[int,
         for context_len in context_lens:
             needed = kv_bytes(num_seqs, context_len, heads[1], heads[2])
             row: dict[str, Any] = {"num_seqs": num_seqs, "context_len": context_len, "kv_bytes": needed}
-            for layout in ("scattered", "in_order"):
-                case = decode_case(ops, num_seqs, context_len, block_size, heads, scattered=layout == "scattered")
+            for layout, scattered, options in variants(backend, context_len):
+                case = decode_case(ops, num_seqs, context_len, block_size, heads, scattered) | options
                 attention, gemv = time_pairs(ops, case, probe, repeats)
                 fractions = [needed * g / (probe.weight_bytes * a) for a, g in zip(attention, gemv, strict=True)]
                 seconds = statistics.median(attention)
@@ -129,25 +131,40 @@ def measure(backend: str, batch_sizes: tuple[int, ...], context_lens: tuple[int,
                                "fraction_of_roofline": statistics.median(fractions)}
                 del case
             row["scattered_over_in_order"] = row["scattered"]["seconds"] / row["in_order"]["seconds"]
+            if "one_partition" in row:
+                row["one_partition_over_split"] = row["one_partition"]["seconds"] / row["scattered"]["seconds"]
             rows.append(row)
             print(f"  {num_seqs:>4} seqs x {context_len:>5} tokens: {row['scattered']['seconds'] * 1e3:8.3f} ms, "
                   f"{row['scattered']['fraction_of_roofline']:.0%} of the roofline", flush=True)
     return rows
 
 
+def variants(backend: str, context_len: int) -> list[tuple[str, bool, dict[str, Any]]]:
+    """What to time per batch: (name, scattered block tables?, extra arguments). The GPU
+    kernel also runs with each context in one partition, against its own choice."""
+    timed = [("scattered", True, {}), ("in_order", False, {})]
+    if backend == "gpu":
+        timed.append(("one_partition", True, {"partition_size": context_len}))
+    return timed
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
+    split = "one_partition" in rows[0]
     print(f"\n{'seqs':>5}{'context':>9}{'KV MB':>9}{'ms':>10}{'GB/s':>8}{'roofline':>10}{'of roof':>9}"
-          f"{'in order ms':>13}{'of roof':>9}{'scattered/in order':>20}")
-    print("-" * 102)
+          f"{'in order ms':>13}{'of roof':>9}{'scattered/in order':>20}" + (f"{'1 part/split':>14}" if split else ""))
+    print("-" * (116 if split else 102))
     for r in rows:
         s, o = r["scattered"], r["in_order"]
         print(f"{r['num_seqs']:>5}{r['context_len']:>9}{r['kv_bytes'] / 1e6:>9.1f}{s['seconds'] * 1e3:>10.3f}"
               f"{s['bytes_per_s'] / 1e9:>8.1f}{s['roofline_bytes_per_s'] / 1e9:>10.1f}{s['fraction_of_roofline']:>9.0%}"
-              f"{o['seconds'] * 1e3:>13.3f}{o['fraction_of_roofline']:>9.0%}{r['scattered_over_in_order']:>19.2f}x")
+              f"{o['seconds'] * 1e3:>13.3f}{o['fraction_of_roofline']:>9.0%}{r['scattered_over_in_order']:>19.2f}x"
+              + (f"{r['one_partition_over_split']:>13.2f}x" if split else ""))
     print("(decode attention, one query per sequence; KV MB = keys and values it must read;\n"
           " GB/s = KV bytes / time; roofline = bandwidth of a large GEMV run right after each call;\n"
           " of roof = median over calls of the pair's ratio; scattered = block tables a random permutation\n"
-          " of the pool, in order = each sequence's blocks in a row)")
+          " of the pool, in order = each sequence's blocks in a row"
+          + (";\n 1 part/split = time with each context in one partition over the time with the kernel's own)"
+             if split else ")"))
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:

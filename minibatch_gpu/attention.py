@@ -13,6 +13,12 @@ running maximum, a running sum of exponentials and a running weighted sum of val
 and rescale the sums whenever the maximum grows. One kernel serves prefill, chunked
 prefill and decode, since all three are "these queries are the last tokens of that
 context".
+
+A block works on one (query, head) pair, and a decode step of a few sequences has too
+few pairs to occupy a GPU: batch 1 of SmolLM2-135M is 9 blocks for an H100's 132
+multiprocessors. Then each context is split into *partitions* of keys, one block each,
+and a second kernel merges the partitions' softmaxes with the same rescaling the block's
+threads use among themselves (split-K decoding: Flash-Decoding, vLLM's paged attention v2).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from minibatch_gpu.device import (
     blocks_for,
     check_array,
     launch_stream,
+    multiprocessor_count,
     threads_per_block,
     to_host,
     xp,
@@ -43,6 +50,12 @@ ATTENTION_THREADS = 32  # one warp per (token, head): 32 x 257 float32 accumulat
 # another. Rows of 257 words put thread t's element d in bank (t + d) % 32: all different.
 ACC_ROW_WORDS = MAX_HEAD_DIM + 1
 WRITE_KV_THREADS = 256
+# Split contexts into partitions until a launch has this many blocks per multiprocessor
+# (a block holds one warp and 32 KiB of shared memory, so a few fit on each at once) ...
+TARGET_BLOCKS_PER_MULTIPROCESSOR = 8
+# ... but never into partitions shorter than this: 4 keys per thread, so that reading
+# keys, not merging the block's partial softmaxes, stays the larger part of a block's work.
+MIN_PARTITION_KEYS = 128
 
 # ------------------------------------------------------------------------- kernels
 
@@ -114,12 +127,14 @@ def _online_softmax_step(running_max, running_sum, score):
 @cuda.jit(device=True)
 def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head, thread,
                              num_threads, head_dim):
-    """Combine the block's per-thread online softmaxes into ``out[token, head]``.
+    """Combine the block's per-thread online softmaxes into ``out[token, head]`` and
+    return the block's max score and its sum of ``exp(score - max)``.
 
     Each thread has its running max and sum (``-inf`` and 0 if it saw no key: it then
-    weighs 0) and its weighted values in ``row_acc[thread]``; every partial is rescaled to
-    the block's max. Thread ``thread`` writes dims ``thread, thread + T, ...``. Starts and
-    ends with a barrier, so the shared rows are free for the block's next item."""
+    weighs 0; at least one thread must have seen one) and its weighted values in
+    ``row_acc[thread]``; every partial is rescaled to the block's max. Thread ``thread``
+    writes dims ``thread, thread + T, ...``. Starts and ends with a barrier, so the shared
+    rows are free for the block's next item."""
     row_max[thread] = running_max
     row_sum[thread] = running_sum
     cuda.syncthreads()
@@ -135,16 +150,34 @@ def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum
             weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
         out[token, head, d] = weighted_values / total
     cuda.syncthreads()
+    return block_max, total
+
+
+@cuda.jit(device=True)
+def _visible_keys(token, seq_of_token, query_start_loc, context_lens):
+    """How many keys query ``token`` attends to. A sequence's queries are the last
+    ``num_queries`` of its ``context_len`` tokens, so its query ``i`` sees keys
+    ``0 .. context_len - num_queries + i``, its own included."""
+    seq = seq_of_token[token]
+    num_queries = query_start_loc[seq + 1] - query_start_loc[seq]
+    return context_lens[seq] - num_queries + (token - query_start_loc[seq]) + 1
 
 
 @cuda.jit
 def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, block_tables, seq_of_token,
-                             query_start_loc, context_lens, scale, out):
-    """One block per (query token, query head); the block's threads split that query's keys.
+                             query_start_loc, context_lens, scale, partition_size, part_max, part_sum, part_out):
+    """One block per (query token, query head, partition of its keys); the block's threads
+    split the partition's keys.
 
-    Each thread runs an online softmax over its own keys ``j = thread, thread + T, ...``;
-    then the block merges the ``T`` partial results, each rescaled by
+    Each thread runs an online softmax over its own keys ``j = first + thread, first +
+    thread + T, ...``; then the block merges the ``T`` partial results, each rescaled by
     ``exp(its max - the block's max)`` so that all of them count against one maximum.
+    Partition ``p`` of ``P`` holds keys ``p * partition_size ..`` and writes its
+    normalized output to ``part_out[token, head * P + p]`` (``[N, Hq * P, D]``), its max
+    score and sum of exponentials to ``part_max``/``part_sum`` ``[N, Hq * P]``. With one
+    partition, ``part_out`` is the attention's output itself. A partition past the
+    query's last visible key writes nothing.
+
     An int8 cache (``quantized``) multiplies each key and value by its token's scale as
     it is read; a float cache passes 1-element dummy scales.
     """
@@ -155,23 +188,23 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D]
     group = num_heads // num_kv_heads  # query heads sharing one kv head (GQA)
+    num_parts = part_max.shape[1] // num_heads  # [N, Hq * P]
 
-    for item in range(cuda.blockIdx.x, num_tokens * num_heads, cuda.gridDim.x):
-        token, head = item // num_heads, item % num_heads
+    for item in range(cuda.blockIdx.x, num_tokens * num_heads * num_parts, cuda.gridDim.x):
+        token, head, part = item // (num_heads * num_parts), item // num_parts % num_heads, item % num_parts
         kv_head = head // group
         seq = seq_of_token[token]
-        num_queries = query_start_loc[seq + 1] - query_start_loc[seq]
-        query_index = token - query_start_loc[seq]
-        # the queries are the last num_queries of context_len tokens: query i sees keys
-        # 0 .. context_len - num_queries + i, its own included
-        num_visible = context_lens[seq] - num_queries + query_index + 1
+        first = part * partition_size
+        end = min(first + partition_size, _visible_keys(token, seq_of_token, query_start_loc, context_lens))
+        if first >= end:  # the same for every thread of the block, so no barrier is skipped by some only
+            continue
 
-        # --- each thread: online softmax over its share of the keys
+        # --- each thread: online softmax over its share of the partition's keys
         running_max = float32(-math.inf)
         running_sum = float32(0)
         for d in range(head_dim):
             row_acc[thread, d] = 0
-        for j in range(thread, num_visible, num_threads):
+        for j in range(first + thread, end, num_threads):
             block = block_tables[seq, j // block_size]
             offset = j % block_size
             k_dequant = k_scale[block, offset, kv_head] if quantized else float32(1)
@@ -184,9 +217,38 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
             for d in range(head_dim):
                 value = v_cache[block, offset, kv_head, d] * v_dequant
                 row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
-        # --- the block: merge the threads' partial softmaxes into out[token, head]
-        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head,
-                                 thread, num_threads, head_dim)
+        # --- the block: merge the threads' partial softmaxes into the partition's output
+        slot = head * num_parts + part
+        block_max, total = _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_out,
+                                                    token, slot, thread, num_threads, head_dim)
+        if thread == 0:
+            part_max[token, slot] = block_max
+            part_sum[token, slot] = total
+
+
+@cuda.jit
+def _merge_partitions_kernel(part_max, part_sum, part_out, seq_of_token, query_start_loc, context_lens,
+                             partition_size, out):
+    """One thread per output element ``out[token, head, d]``: the partitions' outputs,
+    each weighted by its sum of exponentials rescaled from its own max to the largest
+    (the merge the block's threads make, one level up). Reads only the partitions that
+    hold some of the query's keys."""
+    num_tokens, num_heads, head_dim = out.shape  # [N, Hq, D]
+    num_parts = part_max.shape[1] // num_heads  # part_max, part_sum: [N, Hq * P]; part_out: [N, Hq * P, D]
+    for item in range(cuda.grid(1), num_tokens * num_heads * head_dim, cuda.gridsize(1)):
+        token, head, d = item // (num_heads * head_dim), item // head_dim % num_heads, item % head_dim
+        visible = _visible_keys(token, seq_of_token, query_start_loc, context_lens)
+        first, used = head * num_parts, (visible + partition_size - 1) // partition_size
+        largest = float32(-math.inf)
+        for slot in range(first, first + used):
+            largest = max(largest, part_max[token, slot])
+        total = float32(0)
+        weighted_values = float32(0)
+        for slot in range(first, first + used):
+            weight = part_sum[token, slot] * math.exp(part_max[token, slot] - largest)
+            total += weight
+            weighted_values += weight * part_out[token, slot, d]
+        out[token, head, d] = weighted_values / total
 
 
 @cuda.jit
@@ -281,7 +343,8 @@ def copy_blocks(k_cache: Any, v_cache: Any, block_copies: Any, k_scale: Any = No
 
 
 def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_start_loc: np.ndarray,
-                     context_lens: np.ndarray, scale: float, k_scale: Any = None, v_scale: Any = None) -> Any:
+                     context_lens: np.ndarray, scale: float, k_scale: Any = None, v_scale: Any = None,
+                     partition_size: int | None = None) -> Any:
     """Attention of a flat, ragged batch of queries against the cache.
 
     Sequence ``s`` owns queries ``q[query_start_loc[s]:query_start_loc[s+1]]``, which are
@@ -292,7 +355,11 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
     ``block_tables`` ``[S, max_blocks]`` may live on the host or the device;
     ``query_start_loc`` ``[S+1]`` and ``context_lens`` ``[S]`` are host integer arrays.
     An int8 cache passes ``k_scale``/``v_scale`` and is dequantized inside the kernel.
-    Twin of ``minibatch.attention.cached_attention``; one kernel launch.
+
+    ``partition_size`` keys per block (default: :func:`partition_size_for` picks it): one
+    kernel launch when every context fits one partition, two (attend, merge) otherwise.
+    The result does not depend on it beyond float32 rounding.
+    Twin of ``minibatch.attention.cached_attention``.
     """
     check_array("q", q, ndim=3)
     quantized = k_scale is not None
@@ -309,19 +376,51 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
                          f"{num_kv_heads} kv heads of dim {cache_head_dim} (Hq must be a multiple of Hkv)")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"cached_attention: head dim {head_dim} is over the kernel's bound {MAX_HEAD_DIM}")
+    if partition_size is not None and partition_size < 1:
+        raise ValueError(f"cached_attention: partition_size must be at least 1 key, got {partition_size}")
     layout = batch_layout(query_start_loc, context_lens, num_tokens, block_size, block_tables.shape)
     out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
     if out.size == 0:
         return out
+    longest = int(layout.context_lens.max())
+    partition_size = partition_size or partition_size_for(num_tokens * num_heads, longest)
+    num_parts = -(-longest // partition_size)
+    part_max = xp.empty((num_tokens, num_heads * num_parts), dtype=xp.float32)  # [N, Hq * P]
+    part_sum = xp.empty((num_tokens, num_heads * num_parts), dtype=xp.float32)  # [N, Hq * P]
+    part_out = out if num_parts == 1 else xp.empty((num_tokens, num_heads * num_parts, head_dim),
+                                                   dtype=xp.float32)  # [N, Hq * P, D]
     if quantized:
         pools = (k_cache, v_cache, as_float32(k_scale), as_float32(v_scale))
     else:
         no_scale = xp.ones((1, 1, 1), dtype=xp.float32)  # never read: the kernel checks `quantized`
         pools = (as_float32(k_cache), as_float32(v_cache), no_scale, no_scale)
     threads = threads_per_block(ATTENTION_THREADS)
-    _cached_attention_kernel[blocks_for(num_tokens * num_heads), threads, launch_stream()](
-        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale), out)
+    _cached_attention_kernel[blocks_for(num_tokens * num_heads * num_parts), threads, launch_stream()](
+        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale), partition_size,
+        part_max, part_sum, part_out)
+    if num_parts > 1:
+        threads = threads_per_block(WRITE_KV_THREADS)
+        _merge_partitions_kernel[blocks_for(-(-out.size // threads)), threads, launch_stream()](
+            part_max, part_sum, part_out, *layout.on_device, partition_size, out)
     return out
+
+
+def partition_size_for(num_pairs: int, longest_context: int) -> int:
+    """Keys per partition for a launch over ``num_pairs`` (query token, head) pairs whose
+    longest context is ``longest_context`` keys.
+
+    The whole context when the pairs alone give every multiprocessor
+    ``TARGET_BLOCKS_PER_MULTIPROCESSOR`` blocks (prefill, large decode batches);
+    otherwise short enough that partitions make up the difference, but never under
+    ``MIN_PARTITION_KEYS``, and a multiple of the block's threads so that each thread
+    gets the same number of keys.
+    """
+    wanted_blocks = TARGET_BLOCKS_PER_MULTIPROCESSOR * multiprocessor_count()
+    if num_pairs >= wanted_blocks:
+        return max(1, longest_context)
+    parts = -(-wanted_blocks // num_pairs)
+    size = max(MIN_PARTITION_KEYS, -(-longest_context // parts))
+    return -(-size // ATTENTION_THREADS) * ATTENTION_THREADS
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ simulator they take NumPy arrays directly.
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 from typing import Any
@@ -132,6 +133,17 @@ def launch_stream() -> Any:
 
     pointer = xp.cuda.get_current_stream().ptr
     return cuda.default_stream() if pointer == 0 else cuda.external_stream(pointer)
+
+
+@functools.cache
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM); in the simulator,
+    ``SIMULATOR_MAX_BLOCKS``, the most blocks a launch there runs."""
+    if SIMULATOR:
+        return SIMULATOR_MAX_BLOCKS
+    from numba import cuda
+
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
 
 
 def threads_per_block(on_device: int) -> int:

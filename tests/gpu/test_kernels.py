@@ -16,7 +16,7 @@ from minibatch import layers as numpy_layers
 from minibatch.config import ModelConfig
 from minibatch_gpu import attention as gpu_attention
 from minibatch_gpu import layers as gpu_layers
-from minibatch_gpu.device import gpu_available, to_device, to_host
+from minibatch_gpu.device import gpu_available, multiprocessor_count, to_device, to_host
 from tests.helpers import relative_error, tiny_raw_config
 
 pytestmark = pytest.mark.gpu
@@ -26,6 +26,9 @@ needs_device = pytest.mark.skipif(not gpu_available(), reason="needs a real CUDA
 
 seeds = st.integers(0, 2**32 - 1)
 head_dims = st.sampled_from([4, 8, 16])
+# keys per block of the attention kernel: None lets it choose (one partition at these
+# lengths); small sizes split even short contexts, and 1 leaves each key on its own
+partition_sizes = st.sampled_from([None, 1, 2, 3, 5, 8])
 
 
 def normal(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
@@ -142,10 +145,12 @@ def sequence_shapes(draw) -> tuple[int, int]:
 
 
 @given(st.lists(sequence_shapes(), min_size=1, max_size=3), st.integers(1, 6), st.integers(1, 3),
-       st.integers(1, 3), head_dims, st.integers(0, 3), seeds)
-def test_cached_attention_matches_numpy(sequences, block_size, num_kv_heads, group, head_dim, spare_blocks, seed):
+       st.integers(1, 3), head_dims, st.integers(0, 3), partition_sizes, seeds)
+def test_cached_attention_matches_numpy(sequences, block_size, num_kv_heads, group, head_dim, spare_blocks,
+                                        partition_size, seed):
     """A mixed batch (prefill, chunked prefill, decode) over a paged cache whose blocks are
-    handed out in shuffled order, with grouped-query heads."""
+    handed out in shuffled order, with grouped-query heads, its contexts whole or split
+    into partitions (then some queries see fewer keys than others have partitions)."""
     rng = np.random.default_rng(seed)
     num_heads = num_kv_heads * group
     queries_per_seq = np.array([queries for _, queries in sequences])  # [S]
@@ -164,14 +169,15 @@ def test_cached_attention_matches_numpy(sequences, block_size, num_kv_heads, gro
     expected = numpy_attention.cached_attention(q, k_cache, v_cache, block_tables, query_start_loc,
                                                 context_lens, scale)
     result = gpu_attention.cached_attention(to_device(q), to_device(k_cache), to_device(v_cache),
-                                            to_device(block_tables), query_start_loc, context_lens, scale)
+                                            to_device(block_tables), query_start_loc, context_lens, scale,
+                                            partition_size=partition_size)
     assert_close(result, expected)
 
 
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 8), st.integers(2, 3), st.integers(1, 2), head_dims,
-       seeds)
+       partition_sizes, seeds)
 def test_cached_attention_over_shared_prefix_blocks_matches_numpy(block_size, shared_blocks, tail, num_seqs,
-                                                                  num_kv_heads, head_dim, seed):
+                                                                  num_kv_heads, head_dim, partition_size, seed):
     """Several sequences whose tables point at the same prefix blocks (a prefix-cache hit
     or a fork), each with its own partially filled tail, decoding together."""
     rng = np.random.default_rng(seed)
@@ -189,8 +195,28 @@ def test_cached_attention_over_shared_prefix_blocks_matches_numpy(block_size, sh
     expected = numpy_attention.cached_attention(q, k_cache, v_cache, block_tables, query_start_loc,
                                                 context_lens, 0.5)
     result = gpu_attention.cached_attention(to_device(q), to_device(k_cache), to_device(v_cache),
-                                            to_device(block_tables), query_start_loc, context_lens, 0.5)
+                                            to_device(block_tables), query_start_loc, context_lens, 0.5,
+                                            partition_size=partition_size)
     assert_close(result, expected)
+
+
+@given(st.integers(1, 5000), st.integers(1, 100_000))
+def test_partition_size_splits_only_what_the_queries_leave_idle(num_pairs, longest_context):
+    """A context is split only when the (query, head) pairs alone give too few blocks, and
+    then into no more partitions than make up the difference; each partition is a
+    multiple of the block's threads, no shorter than the minimum, and no longer than one
+    such step beyond what reaches the target."""
+    size = gpu_attention.partition_size_for(num_pairs, longest_context)
+    threads = gpu_attention.ATTENTION_THREADS
+    wanted_blocks = gpu_attention.TARGET_BLOCKS_PER_MULTIPROCESSOR * multiprocessor_count()
+    if num_pairs >= wanted_blocks:
+        assert size == longest_context
+        return
+    assert size % threads == 0 and size >= gpu_attention.MIN_PARTITION_KEYS
+    num_parts = -(-longest_context // size)
+    assert num_pairs * (num_parts - 1) < wanted_blocks  # one partition fewer would not reach the target
+    if size - threads >= gpu_attention.MIN_PARTITION_KEYS:  # a shorter allowed partition would reach it
+        assert num_pairs * -(-longest_context // (size - threads)) >= wanted_blocks
 
 
 @given(st.integers(2, 8), st.integers(1, 4), st.integers(1, 2), head_dims, st.integers(0, 3), seeds)
@@ -265,6 +291,9 @@ def test_int8_write_kv_and_attention_match_numpy(num_blocks, block_size, num_kv_
     expected = numpy_attention.cached_attention(q, *pools, table, loc, lens, 0.5, *scales)
     result = gpu_attention.cached_attention(to_device(q), *gpu_pools, to_device(table), loc, lens, 0.5, *gpu_scales)
     assert_close(result, expected)
+    split = gpu_attention.cached_attention(to_device(q), *gpu_pools, to_device(table), loc, lens, 0.5, *gpu_scales,
+                                           partition_size=block_size)
+    assert_close(split, expected)
     # copy-on-write copies the scales with the values
     copies = np.array([[table[0, 0], table[0, -1]]], np.int64) if num_blocks > 1 else np.zeros((0, 2), np.int64)
     numpy_attention.copy_blocks(*pools, copies, *scales)
