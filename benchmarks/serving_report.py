@@ -186,21 +186,23 @@ def print_scaling(scaling: dict[str, Any]) -> None:
     print(f"\ndecode scaling, {scaling['model']} ({scaling['parameters'] / 1e6:.1f}M parameters), medians of "
           f"{scaling['rounds']} x {scaling['decode_steps']} steps after a {scaling['prompt_len']}-token prompt")
     header = (f"{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'vs 1':>7}{'memory':>9}{'compute':>9}{'of bound':>10}"
-              f"{'GEMM GFLOP/s':>14}")
+              f"{'GEMM GFLOP/s':>14}{'GEMM-only bound':>17}")
     print(header + "\n" + "-" * len(header))
     for row in scaling["rows"]:
-        flops = row["gemm_flops_per_s"]
+        flops, gemm_only = row["gemm_flops_per_s"], row.get("speedup_bound_linear_only")
         bound = min(row["roofline_tokens_per_s"], row["compute_roofline_tokens_per_s"])
         print(f"{row['batch_size']:>6}{row['step_s'] * 1e3:>10.1f}{row['tokens_per_s']:>10.1f}"
               f"{row['speedup_vs_batch_1']:>6.1f}x{row['roofline_tokens_per_s']:>9.0f}"
               f"{row['compute_roofline_tokens_per_s']:>9.0f}{row['tokens_per_s'] / bound:>10.0%}"
-              f"{'-' if flops is None else f'{flops / 1e9:.1f}':>14}")
+              f"{'-' if flops is None else f'{flops / 1e9:.1f}':>14}"
+              f"{'-' if flops is None else f'{gemm_only:.1f}x':>17}")
     print(f"(rooflines in tokens/s: memory = batch x {scaling['gemv_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured "
           f"GEMV bandwidth / {scaling['weight_bytes_per_step'] / 1e6:.1f} MB of weights per step; compute = "
           f"{scaling['gemm_peak_flops_per_s'] / 1e9:.0f} GFLOP/s measured square GEMM / 2 FLOPs per weight. "
           f"Together they allow batch {scaling['rows'][-1]['batch_size']} at most "
           f"{scaling['roofline_ratio_largest_vs_1']:.1f}x batch 1 on this machine. GEMM GFLOP/s = the rate the "
-          "linear layers ran at)")
+          "linear layers ran at; GEMM-only bound = the speed-up over batch 1 this batch would reach if "
+          "everything but its linear layers took no time)")
     header = f"{'where a step goes (ms)':<24}" + "".join(f"{PHASE_LABELS[p]:>13}" for p in PHASES) + f"{'total':>9}"
     print("\n" + header + "\n" + "-" * len(header))
     for row in scaling["rows"]:

@@ -68,6 +68,8 @@ def decode_scaling(model_dir: Path, backend: str, batch_sizes: list[int], prompt
         # every float32 weight read is one multiply-add per sequence: 2 FLOPs per 4 bytes
         gemm = row["phases_s"]["projections"] + row["phases_s"]["lm_head"]
         row["gemm_flops_per_s"] = row["batch_size"] * step_bytes / 2 / gemm if gemm else None
+        # the most this batch could gain over batch 1 if all but its linear layers took no time
+        row["speedup_bound_linear_only"] = row["batch_size"] * rows[0]["step_s"] / gemm if gemm else None
     return {"model": str(model_dir.name), "parameters": config.num_parameters, "prompt_len": prompt_len,
             "decode_steps": steps, "rounds": rounds, "gemv_bandwidth_bytes_per_s": bandwidth,
             "gemm_peak_flops_per_s": peak_flops, "weight_bytes_per_step": step_bytes,

@@ -234,6 +234,9 @@ def test_decode_scaling_reports_where_each_step_goes():
         assert all(seconds >= 0 for seconds in row["phases_s"].values())
         assert row["phases_s"]["projections"] > 0 and row["phases_s"]["lm_head"] > 0
         assert row["gemm_flops_per_s"] > 0
+        linear_seconds = row["phases_s"]["projections"] + row["phases_s"]["lm_head"]
+        assert row["speedup_bound_linear_only"] == pytest.approx(
+            row["batch_size"] * scaling["rows"][0]["step_s"] / linear_seconds)
         assert row["compute_roofline_tokens_per_s"] == pytest.approx(
             2 * scaling["gemm_peak_flops_per_s"] / scaling["weight_bytes_per_step"])
     memory_1, compute = scaling["rows"][0]["roofline_tokens_per_s"], scaling["rows"][0]["compute_roofline_tokens_per_s"]
