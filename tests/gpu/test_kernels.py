@@ -200,6 +200,28 @@ def test_cached_attention_over_shared_prefix_blocks_matches_numpy(block_size, sh
     assert_close(result, expected)
 
 
+@pytest.mark.parametrize("num_seqs", [1, 2])
+def test_long_decode_contexts_split_by_default_match_numpy(num_seqs):
+    """Decode of a few long contexts: too few (query, head) pairs for the multiprocessors,
+    so the kernel picks several partitions on its own, and the merge still gives NumPy's
+    result (the contexts differ, so the shorter one leaves a partition empty)."""
+    rng = np.random.default_rng(num_seqs)
+    block_size, num_kv_heads, num_heads, head_dim = 16, 1, 2, 8
+    context_lens = np.array([300, 170][:num_seqs])  # [S]
+    longest = int(context_lens.max())
+    assert -(-longest // gpu_attention.partition_size_for(num_seqs * num_heads, longest)) > 1  # it does split
+    blocks_per_seq = -(-longest // block_size)
+    block_tables = rng.permutation(num_seqs * blocks_per_seq).reshape(num_seqs, blocks_per_seq).astype(np.int32)
+    cache_shape = (num_seqs * blocks_per_seq, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = normal(rng, cache_shape), normal(rng, cache_shape)
+    q = normal(rng, (num_seqs, num_heads, head_dim), scale=2.0)
+    query_start_loc = np.arange(num_seqs + 1)
+    expected = numpy_attention.cached_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, 0.3)
+    result = gpu_attention.cached_attention(to_device(q), to_device(k_cache), to_device(v_cache),
+                                            to_device(block_tables), query_start_loc, context_lens, 0.3)
+    assert_close(result, expected)
+
+
 @given(st.integers(1, 5000), st.integers(1, 100_000))
 def test_partition_size_splits_only_what_the_queries_leave_idle(num_pairs, longest_context):
     """A context is split only when the (query, head) pairs alone give too few blocks, and
