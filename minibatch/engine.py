@@ -328,9 +328,10 @@ class LLMEngine:
                         sample_index=index, priority=priority, rng=make_generator(seed))
 
     def _log_step(self, start: float, scheduled: SchedulerOutput) -> None:
-        decodes = [s for s in scheduled.scheduled if s.sequence.num_computed_tokens > s.sequence.num_prompt_tokens
-                   and s.num_tokens == 1]
-        prefills = [s for s in scheduled.scheduled if s not in decodes]
+        decodes, prefills = [], []  # a decode: one token of a sequence past its prompt
+        for s in scheduled.scheduled:
+            is_decode = s.num_tokens == 1 and s.sequence.num_computed_tokens > s.sequence.num_prompt_tokens
+            (decodes if is_decode else prefills).append(s)
         self.log.steps.append(StepRecord(
             step=len(self.log.steps), start_time=start, duration=time.perf_counter() - start,
             num_prefill_tokens=sum(s.num_tokens for s in prefills), num_decode_seqs=len(decodes),
