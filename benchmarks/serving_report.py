@@ -307,6 +307,9 @@ def plot_scaling(plt: Any, scaling: dict[str, Any], path: Path) -> Path:
             label="memory roofline")
     ax.plot(batch, [r["compute_roofline_tokens_per_s"] for r in scaling["rows"]], "-.", color="purple",
             label="compute roofline")
+    if all(r.get("speedup_bound_linear_only") for r in scaling["rows"]):
+        ax.plot(batch, [measured[0] * r["speedup_bound_linear_only"] for r in scaling["rows"]], "s:", color="green",
+                markersize=3, label="if only the linear layers took time")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequences decoding together")
