@@ -336,3 +336,19 @@ def test_attention_benchmark_cases_use_every_block_once_and_count_the_kv_bytes(t
             measured = row[layout]
             assert measured["seconds"] > 0 and measured["fraction_of_roofline"] > 0
             assert measured["bytes_per_s"] == pytest.approx(row["kv_bytes"] / measured["seconds"])
+
+
+@pytest.mark.gpu
+def test_attention_benchmark_times_the_gpu_kernel_also_in_one_partition(monkeypatch):
+    """On the GPU backend each case is timed a third time with every context in one
+    partition, and the row says how that compares with the kernel's own choice."""
+    import attention
+
+    monkeypatch.setattr(attention, "keep_freed_memory", lambda: False)
+    rows = attention.measure("gpu", (1,), (24,), block_size=8, heads=(2, 1, 8), repeats=1, gemv_size=64)
+    (row,) = rows
+    assert set(row) >= {"scattered", "in_order", "one_partition"}
+    assert row["one_partition"]["seconds"] > 0
+    assert row["one_partition_over_split"] == pytest.approx(row["one_partition"]["seconds"]
+                                                            / row["scattered"]["seconds"])
+    assert [name for name, _, _ in attention.variants("numpy", 24)] == ["scattered", "in_order"]
