@@ -376,33 +376,58 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
                          f"{num_kv_heads} kv heads of dim {cache_head_dim} (Hq must be a multiple of Hkv)")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"cached_attention: head dim {head_dim} is over the kernel's bound {MAX_HEAD_DIM}")
-    if partition_size is not None and partition_size < 1:
-        raise ValueError(f"cached_attention: partition_size must be at least 1 key, got {partition_size}")
     layout = batch_layout(query_start_loc, context_lens, num_tokens, block_size, block_tables.shape)
     out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
     if out.size == 0:
         return out
-    longest = int(layout.context_lens.max())
-    partition_size = partition_size or partition_size_for(num_tokens * num_heads, longest)
-    num_parts = -(-longest // partition_size)
-    part_max = xp.empty((num_tokens, num_heads * num_parts), dtype=xp.float32)  # [N, Hq * P]
-    part_sum = xp.empty((num_tokens, num_heads * num_parts), dtype=xp.float32)  # [N, Hq * P]
-    part_out = out if num_parts == 1 else xp.empty((num_tokens, num_heads * num_parts, head_dim),
-                                                   dtype=xp.float32)  # [N, Hq * P, D]
+    parts = Partitions.of(out, layout, partition_size)
     if quantized:
         pools = (k_cache, v_cache, as_float32(k_scale), as_float32(v_scale))
     else:
         no_scale = xp.ones((1, 1, 1), dtype=xp.float32)  # never read: the kernel checks `quantized`
         pools = (as_float32(k_cache), as_float32(v_cache), no_scale, no_scale)
     threads = threads_per_block(ATTENTION_THREADS)
-    _cached_attention_kernel[blocks_for(num_tokens * num_heads * num_parts), threads, launch_stream()](
-        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale), partition_size,
-        part_max, part_sum, part_out)
-    if num_parts > 1:
-        threads = threads_per_block(WRITE_KV_THREADS)
-        _merge_partitions_kernel[blocks_for(-(-out.size // threads)), threads, launch_stream()](
-            part_max, part_sum, part_out, *layout.on_device, partition_size, out)
+    _cached_attention_kernel[blocks_for(num_tokens * num_heads * parts.count), threads, launch_stream()](
+        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale), *parts.buffers)
+    parts.merge_into(out, layout)
     return out
+
+
+@dataclass(frozen=True)
+class Partitions:
+    """How an attention launch splits its queries' contexts (``count`` partitions of
+    ``size`` keys) and where the blocks write: ``buffers`` = (size, part_max, part_sum,
+    part_out), the kernel's last four arguments. With one partition, ``part_out`` is the
+    output itself and there is nothing to merge."""
+
+    size: int
+    count: int
+    buffers: tuple[int, Any, Any, Any]
+
+    @classmethod
+    def of(cls, out: Any, layout: BatchLayout, partition_size: int | None = None,
+           caller: str = "cached_attention") -> Partitions:
+        """The partitions of a launch writing ``out`` ``[N, Hq, D]`` for the batch ``layout``:
+        ``partition_size`` keys each, or :func:`partition_size_for`'s choice when None.
+        Errors name ``caller``."""
+        if partition_size is not None and partition_size < 1:
+            raise ValueError(f"{caller}: partition_size must be at least 1 key, got {partition_size}")
+        num_tokens, num_heads, head_dim = out.shape
+        longest = int(layout.context_lens.max())
+        size = partition_size or partition_size_for(num_tokens * num_heads, longest)
+        count = -(-longest // size)
+        part_max = xp.empty((num_tokens, num_heads * count), dtype=xp.float32)  # [N, Hq * P]
+        part_sum = xp.empty((num_tokens, num_heads * count), dtype=xp.float32)  # [N, Hq * P]
+        part_out = out if count == 1 else xp.empty((num_tokens, num_heads * count, head_dim),
+                                                   dtype=xp.float32)  # [N, Hq * P, D]
+        return cls(size, count, (size, part_max, part_sum, part_out))
+
+    def merge_into(self, out: Any, layout: BatchLayout) -> None:
+        """Merge the partitions' results into ``out`` (a second launch; none for one partition)."""
+        if self.count > 1:
+            threads = threads_per_block(WRITE_KV_THREADS)
+            _merge_partitions_kernel[blocks_for(-(-out.size // threads)), threads, launch_stream()](
+                *self.buffers[1:], *layout.on_device, self.size, out)
 
 
 def partition_size_for(num_pairs: int, longest_context: int) -> int:

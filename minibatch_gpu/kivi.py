@@ -9,7 +9,9 @@ before it:
    over the block's tokens, values per token in groups of channels;
 2. **attend**: each query reads the blocks before its own through the block table,
    dequantizing as it reads, and its own block's tokens in float (from the residual row
-   or from the new keys and values); an online softmax as in ``minibatch_gpu/attention.py``;
+   or from the new keys and values); an online softmax as in ``minibatch_gpu/attention.py``,
+   whose partitions it shares too (a short step's contexts split over more blocks, and
+   a further launch merges them);
 3. **keep the residual**: the tokens of a still unfinished last block go to the
    sequence's residual row, after kernel 2 has read the old one.
 
@@ -30,6 +32,7 @@ from minibatch_gpu.attention import (
     ACC_ROW_WORDS,
     ATTENTION_THREADS,
     MAX_HEAD_DIM,
+    Partitions,
     _merge_partial_softmaxes,
     _online_softmax_step,
     batch_layout,
@@ -157,13 +160,16 @@ def _quantize_blocks_kernel(k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, 
 
 @cuda.jit
 def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, k_residual, v_residual,
-                           block_tables, residual_rows, seq_of_token, query_start_loc, context_lens, scale, out):
-    """One block per (query token, query head); the block's threads split that query's keys.
+                           block_tables, residual_rows, seq_of_token, query_start_loc, context_lens, scale,
+                           partition_size, part_max, part_sum, part_out):
+    """One block per (query token, query head, partition of its keys); the block's threads
+    split the partition's keys.
 
-    The same online softmax and merge as ``_cached_attention_kernel`` in
-    ``minibatch_gpu/attention.py``; only where a key or value comes from differs: a key
-    before the query's own block is unpacked and dequantized (``zero + code * scale``)
-    as it is read, a key of the own block is read in float.
+    The same online softmax, partitions and merge as ``_cached_attention_kernel`` in
+    ``minibatch_gpu/attention.py`` (its docstring says where partitions write); only
+    where a key or value comes from differs: a key before the query's own block is
+    unpacked and dequantized (``zero + code * scale``) as it is read, a key of the own
+    block is read in float.
     """
     row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
     row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
@@ -172,22 +178,27 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D/4]
     group = num_heads // num_kv_heads  # query heads sharing one kv head (GQA)
+    num_parts = part_max.shape[1] // num_heads  # [N, Hq * P]
 
-    for item in range(cuda.blockIdx.x, num_tokens * num_heads, cuda.gridDim.x):
-        token, head = item // num_heads, item % num_heads
+    for item in range(cuda.blockIdx.x, num_tokens * num_heads * num_parts, cuda.gridDim.x):
+        token, head, part = item // (num_heads * num_parts), item // num_parts % num_heads, item % num_parts
         kv_head = head // group
         seq = seq_of_token[token]
         start, first, _ = _sequence_bounds(seq, query_start_loc, context_lens)
         row = residual_rows[seq]
         position = first + token - start  # the query sees keys 0 .. position
         own = position // block_size * block_size  # its block's first position: float from here on
+        first_key = part * partition_size
+        end = min(first_key + partition_size, position + 1)
+        if first_key >= end:  # the same for every thread of the block, so no barrier is skipped by some only
+            continue
 
         # --- each thread: online softmax over its share of the keys
         running_max = float32(-math.inf)
         running_sum = float32(0)
         for d in range(head_dim):
             row_acc[thread, d] = 0
-        for j in range(thread, position + 1, num_threads):
+        for j in range(first_key + thread, end, num_threads):
             block, offset = block_tables[seq, j // block_size], j % block_size
             score = float32(0)
             for d in range(head_dim):
@@ -204,9 +215,13 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
                 else:
                     value = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
                 row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
-        # --- the block: merge the threads' partial softmaxes into out[token, head]
-        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head,
-                                 thread, num_threads, head_dim)
+        # --- the block: merge the threads' partial softmaxes into the partition's output
+        slot = head * num_parts + part
+        block_max, total = _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_out,
+                                                    token, slot, thread, num_threads, head_dim)
+        if thread == 0:
+            part_max[token, slot] = block_max
+            part_sum[token, slot] = total
 
 
 @cuda.jit
@@ -267,7 +282,8 @@ def _completed_blocks(query_start_loc: np.ndarray, context_lens: np.ndarray, blo
 
 def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: Any, k_zero: Any, v_scale: Any,
                    v_zero: Any, k_residual: Any, v_residual: Any, block_tables: Any, residual_rows: Any,
-                   query_start_loc: np.ndarray, context_lens: np.ndarray, scale: float) -> Any:
+                   query_start_loc: np.ndarray, context_lens: np.ndarray, scale: float,
+                   partition_size: int | None = None) -> Any:
     """Store a flat, ragged batch's new keys and values in a KIVI cache and attend over it.
 
     Sequence ``s`` owns rows ``query_start_loc[s]:query_start_loc[s+1]`` of ``q``
@@ -279,7 +295,9 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
 
     ``block_tables`` ``[S, max_blocks]`` and ``residual_rows`` ``[S]`` may live on the host
     or the device; ``query_start_loc`` ``[S+1]`` and ``context_lens`` ``[S]`` are host
-    integer arrays. Twin of ``minibatch.kivi.kivi_attention``; three kernel launches.
+    integer arrays. ``partition_size``: keys per attention block, as in
+    :func:`minibatch_gpu.attention.cached_attention` (a fourth launch merges the
+    partitions when there are several). Twin of ``minibatch.kivi.kivi_attention``.
     """
     for name, array in (("q", q), ("k", k), ("v", v)):
         check_array(name, array, ndim=3)
@@ -304,6 +322,7 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
         raise ValueError(f"kivi_attention: residual_rows has {residual_rows.shape[0]} entries for "
                          f"{len(context_lens)} sequences")
     out = xp.empty((num_tokens, num_heads, head_dim), dtype=xp.float32)  # [N, Hq, D]
+    parts = Partitions.of(out, layout, partition_size, "kivi_attention") if out.size else None  # checked first
     q, k, v = as_float32(q), as_float32(k), as_float32(v)
     block_tables, residual_rows = as_index(block_tables), as_index(residual_rows)
     stream = launch_stream()
@@ -315,12 +334,13 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
         _quantize_blocks_kernel[blocks_for(-(-items // threads)), threads, stream](
             k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, k_residual, v_residual, k, v, as_index(completed),
             block_tables, residual_rows, *bounds)
-    if out.size == 0:
+    if parts is None:
         return out
     threads = threads_per_block(ATTENTION_THREADS)
-    _kivi_attention_kernel[blocks_for(num_tokens * num_heads), threads, stream](
+    _kivi_attention_kernel[blocks_for(num_tokens * num_heads * parts.count), threads, stream](
         q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, k_residual, v_residual, block_tables,
-        residual_rows, seq_of_token, *bounds, float32(scale), out)
+        residual_rows, seq_of_token, *bounds, float32(scale), *parts.buffers)
+    parts.merge_into(out, layout)
     threads = threads_per_block(RESIDUAL_THREADS)
     _write_residual_kernel[blocks_for(-(-k.size // threads)), threads, stream](
         k_residual, v_residual, k, v, residual_rows, seq_of_token, *bounds)

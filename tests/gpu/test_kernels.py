@@ -274,6 +274,10 @@ def test_bad_shapes_raise_value_errors():
     with pytest.raises(ValueError, match="too small"):
         gpu_attention.cached_attention(to_device(np.zeros((1, 2, 8), np.float32)), cache, cache,
                                        np.zeros((1, 1), np.int32), np.array([0, 1]), np.array([5]), 1.0)
+    with pytest.raises(ValueError, match="partition_size must be at least 1"):
+        gpu_attention.cached_attention(to_device(np.zeros((1, 2, 8), np.float32)), cache, cache,
+                                       np.zeros((1, 1), np.int32), np.array([0, 1]), np.array([1]), 1.0,
+                                       partition_size=0)
     with pytest.raises(ValueError, match="in place"):
         gpu_attention.write_kv(cache.astype(np.float64), cache, to_device(np.zeros((1, 2, 8), np.float32)),
                                to_device(np.zeros((1, 2, 8), np.float32)), to_device(np.zeros(1, np.int64)))

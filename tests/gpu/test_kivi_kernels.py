@@ -86,10 +86,13 @@ def assert_close(gpu_result, numpy_result: np.ndarray) -> None:
 
 
 @given(st.data(), st.sampled_from([1, 2, 4, 8, 16]), st.sampled_from([8, 16, 32, 64]), st.integers(1, 2),
-       st.integers(1, 4), st.sampled_from(["normal", "halves"]), st.integers(0, 2), seeds)
-def test_kivi_attention_matches_numpy(data, block_size, head_dim, num_kv_heads, group, kind, spare, seed):
+       st.integers(1, 4), st.sampled_from(["normal", "halves"]), st.integers(0, 2),
+       st.sampled_from([None, 1, 3, 8]), seeds)
+def test_kivi_attention_matches_numpy(data, block_size, head_dim, num_kv_heads, group, kind, spare, partition_size,
+                                      seed):
     """Two steps of a mixed batch, each backend on its own copy of the same pools: the
-    outputs of both steps and every pool after each step agree."""
+    outputs of both steps and every pool after each step agree, whether the kernel
+    attends to each context whole or in partitions of keys."""
     rng = np.random.default_rng(seed)
     steps = data.draw(st.lists(sequence_steps(block_size), min_size=1, max_size=3), label="steps")
     num_seqs, num_heads = len(steps), num_kv_heads * group
@@ -116,9 +119,33 @@ def test_kivi_attention_matches_numpy(data, block_size, head_dim, num_kv_heads, 
         result = gpu_kivi.kivi_attention(to_device(q), to_device(k), to_device(v), **gpu_pools,
                                          block_tables=to_device(block_tables),
                                          residual_rows=to_device(residual_rows), query_start_loc=query_start_loc,
-                                         context_lens=context_lens, scale=scale)
+                                         context_lens=context_lens, scale=scale, partition_size=partition_size)
         assert_close(result, expected)
         assert_pools_equal(gpu_pools, numpy_pools)
+
+
+def test_a_long_decode_context_split_by_default_matches_numpy():
+    """One decode step after 299 tokens: too few (query, head) pairs for the multiprocessors,
+    so the kernel splits the context on its own, across quantized blocks and the float
+    residual alike, and still gives NumPy's result."""
+    from minibatch_gpu.attention import partition_size_for
+
+    rng = np.random.default_rng(7)
+    block_size, num_kv_heads, num_heads, head_dim, context = 16, 1, 2, 8, 300
+    assert -(-context // partition_size_for(num_heads, context)) > 1  # it does split
+    num_blocks = -(-context // block_size)
+    numpy_pools = random_pools(rng, num_blocks, block_size, 1, num_kv_heads, head_dim)
+    gpu_pools = {name: to_device(pool.copy()) for name, pool in numpy_pools.items()}
+    table, rows = rng.permutation(num_blocks)[None, :].astype(np.int32), np.array([0], np.int32)
+    q, k, v, loc = step_inputs(rng, [1], num_heads, num_kv_heads, head_dim, "normal")
+    lens = np.array([context])
+    expected = numpy_kivi.kivi_attention(q, k, v, **numpy_pools, block_tables=table, residual_rows=rows,
+                                         query_start_loc=loc, context_lens=lens, scale=0.5)
+    result = gpu_kivi.kivi_attention(to_device(q), to_device(k), to_device(v), **gpu_pools,
+                                     block_tables=to_device(table), residual_rows=to_device(rows),
+                                     query_start_loc=loc, context_lens=lens, scale=0.5)
+    assert_close(result, expected)
+    assert_pools_equal(gpu_pools, numpy_pools)
 
 
 def test_halfway_values_and_constant_groups_over_chunks():
@@ -174,3 +201,9 @@ def test_bad_inputs_raise_value_errors():
         call(context_lens=np.array([9]))
     with pytest.raises(ValueError, match="residual_rows"):
         call(residual_rows=to_device(np.zeros(0, np.int32)))
+    before = {name: to_host(pool).copy() for name, pool in pools.items()}
+    with pytest.raises(ValueError, match="partition_size"):
+        # a token that completes block 0 (context 4 of block size 4): the step would quantize it
+        call(k=to_device(np.ones((1, 2, 8), np.float32)), context_lens=np.array([4]), partition_size=0)
+    for name, pool in pools.items():  # refused before anything was quantized or stored
+        np.testing.assert_array_equal(to_host(pool), before[name])
