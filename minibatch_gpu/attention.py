@@ -125,10 +125,11 @@ def _online_softmax_step(running_max, running_sum, score):
 
 
 @cuda.jit(device=True)
-def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, out, token, head, thread,
-                             num_threads, head_dim):
-    """Combine the block's per-thread online softmaxes into ``out[token, head]`` and
-    return the block's max score and its sum of ``exp(score - max)``.
+def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_max, part_sum, part_out,
+                             token, slot, thread, num_threads, head_dim):
+    """Combine the block's per-thread online softmaxes into its partition's output
+    ``part_out[token, slot]``, and record the block's max score and its sum of
+    ``exp(score - max)`` in ``part_max``/``part_sum[token, slot]``.
 
     Each thread has its running max and sum (``-inf`` and 0 if it saw no key: it then
     weighs 0; at least one thread must have seen one) and its weighted values in
@@ -148,9 +149,11 @@ def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum
         weighted_values = float32(0)
         for t in range(num_threads):
             weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
-        out[token, head, d] = weighted_values / total
+        part_out[token, slot, d] = weighted_values / total
+    if thread == 0:
+        part_max[token, slot] = block_max
+        part_sum[token, slot] = total
     cuda.syncthreads()
-    return block_max, total
 
 
 @cuda.jit(device=True)
@@ -218,12 +221,8 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
                 value = v_cache[block, offset, kv_head, d] * v_dequant
                 row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
         # --- the block: merge the threads' partial softmaxes into the partition's output
-        slot = head * num_parts + part
-        block_max, total = _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_out,
-                                                    token, slot, thread, num_threads, head_dim)
-        if thread == 0:
-            part_max[token, slot] = block_max
-            part_sum[token, slot] = total
+        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_max, part_sum, part_out,
+                                 token, head * num_parts + part, thread, num_threads, head_dim)
 
 
 @cuda.jit

@@ -216,12 +216,8 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
                     value = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
                 row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
         # --- the block: merge the threads' partial softmaxes into the partition's output
-        slot = head * num_parts + part
-        block_max, total = _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_out,
-                                                    token, slot, thread, num_threads, head_dim)
-        if thread == 0:
-            part_max[token, slot] = block_max
-            part_sum[token, slot] = total
+        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_max, part_sum, part_out,
+                                 token, head * num_parts + part, thread, num_threads, head_dim)
 
 
 @cuda.jit

@@ -82,6 +82,21 @@ def assert_close(gpu_result, numpy_result: np.ndarray) -> None:
     np.testing.assert_allclose(gpu_result, numpy_result, rtol=TOLERANCE, atol=TOLERANCE)
 
 
+def assert_step_matches(numpy_pools: dict, gpu_pools: dict, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                        block_tables: np.ndarray, residual_rows: np.ndarray, query_start_loc: np.ndarray,
+                        context_lens: np.ndarray, scale: float, partition_size: int | None = None) -> None:
+    """One step on each backend, each on its own pools: the outputs and the pools after agree."""
+    expected = numpy_kivi.kivi_attention(q, k, v, **numpy_pools, block_tables=block_tables,
+                                         residual_rows=residual_rows, query_start_loc=query_start_loc,
+                                         context_lens=context_lens, scale=scale)
+    result = gpu_kivi.kivi_attention(to_device(q), to_device(k), to_device(v), **gpu_pools,
+                                     block_tables=to_device(block_tables), residual_rows=to_device(residual_rows),
+                                     query_start_loc=query_start_loc, context_lens=context_lens, scale=scale,
+                                     partition_size=partition_size)
+    assert_close(result, expected)
+    assert_pools_equal(gpu_pools, numpy_pools)
+
+
 # ------------------------------------------------------------------ the twin test
 
 
@@ -113,15 +128,8 @@ def test_kivi_attention_matches_numpy(data, block_size, head_dim, num_kv_heads, 
         counts = [seq[step] for seq in steps]
         context_lens = context_lens + counts
         q, k, v, query_start_loc = step_inputs(rng, counts, num_heads, num_kv_heads, head_dim, kind)
-        expected = numpy_kivi.kivi_attention(q, k, v, **numpy_pools, block_tables=block_tables,
-                                             residual_rows=residual_rows, query_start_loc=query_start_loc,
-                                             context_lens=context_lens, scale=scale)
-        result = gpu_kivi.kivi_attention(to_device(q), to_device(k), to_device(v), **gpu_pools,
-                                         block_tables=to_device(block_tables),
-                                         residual_rows=to_device(residual_rows), query_start_loc=query_start_loc,
-                                         context_lens=context_lens, scale=scale, partition_size=partition_size)
-        assert_close(result, expected)
-        assert_pools_equal(gpu_pools, numpy_pools)
+        assert_step_matches(numpy_pools, gpu_pools, q, k, v, block_tables, residual_rows, query_start_loc,
+                            context_lens, scale, partition_size)
 
 
 def test_a_long_decode_context_split_by_default_matches_numpy():
@@ -138,14 +146,7 @@ def test_a_long_decode_context_split_by_default_matches_numpy():
     gpu_pools = {name: to_device(pool.copy()) for name, pool in numpy_pools.items()}
     table, rows = rng.permutation(num_blocks)[None, :].astype(np.int32), np.array([0], np.int32)
     q, k, v, loc = step_inputs(rng, [1], num_heads, num_kv_heads, head_dim, "normal")
-    lens = np.array([context])
-    expected = numpy_kivi.kivi_attention(q, k, v, **numpy_pools, block_tables=table, residual_rows=rows,
-                                         query_start_loc=loc, context_lens=lens, scale=0.5)
-    result = gpu_kivi.kivi_attention(to_device(q), to_device(k), to_device(v), **gpu_pools,
-                                     block_tables=to_device(table), residual_rows=to_device(rows),
-                                     query_start_loc=loc, context_lens=lens, scale=0.5)
-    assert_close(result, expected)
-    assert_pools_equal(gpu_pools, numpy_pools)
+    assert_step_matches(numpy_pools, gpu_pools, q, k, v, table, rows, loc, np.array([context]), 0.5)
 
 
 def test_halfway_values_and_constant_groups_over_chunks():
@@ -166,14 +167,8 @@ def test_halfway_values_and_constant_groups_over_chunks():
         k = np.broadcast_to(halfway[positions % 4, None, None], (count, num_kv_heads, head_dim)).copy()
         v = np.broadcast_to(halfway[np.arange(head_dim) % 4], (count, num_kv_heads, head_dim)).copy()
         v[positions % 2 == 1] = 1.0
-        loc, lens = np.array([0, count]), np.array([context])
-        expected = numpy_kivi.kivi_attention(q, k, v, **numpy_pools, block_tables=table, residual_rows=rows,
-                                             query_start_loc=loc, context_lens=lens, scale=0.5)
-        result = gpu_kivi.kivi_attention(to_device(q), to_device(k), to_device(v), **gpu_pools,
-                                         block_tables=to_device(table), residual_rows=to_device(rows),
-                                         query_start_loc=loc, context_lens=lens, scale=0.5)
-        assert_close(result, expected)
-        assert_pools_equal(gpu_pools, numpy_pools)
+        assert_step_matches(numpy_pools, gpu_pools, q, k, v, table, rows, np.array([0, count]), np.array([context]),
+                            0.5)
 
 
 # ----------------------------------------------------------------- boundary checks
