@@ -137,8 +137,8 @@ def launch_stream() -> Any:
 
 @functools.cache
 def multiprocessor_count() -> int:
-    """Streaming multiprocessors of the current GPU (132 on an H100 SXM); in the simulator,
-    ``SIMULATOR_MAX_BLOCKS``, the most blocks a launch there runs."""
+    """Streaming multiprocessors of the current GPU (132 on an H100 SXM), asked once; in the
+    simulator, ``SIMULATOR_MAX_BLOCKS``, the most blocks a launch there runs."""
     if SIMULATOR:
         return SIMULATOR_MAX_BLOCKS
     from numba import cuda
