@@ -168,7 +168,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Achieved bandwidth against KV bytes, one line per context length, with the roofline."""
+    """Achieved bandwidth against KV bytes, one line per context length and layout (and, on
+    the GPU, without the split), with the roofline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +183,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 label=f"context {context_len}, scattered blocks")
         ax.plot(x, [r["in_order"]["bytes_per_s"] / 1e9 for r in mine], "x:", color=f"C{index}",
                 label=f"context {context_len}, in order")
+        if "one_partition" in mine[0]:  # GPU: the same calls without splitting contexts
+            ax.plot(x, [r["one_partition"]["bytes_per_s"] / 1e9 for r in mine], "s--", color=f"C{index}",
+                    markersize=3, label=f"context {context_len}, one partition")
     roofline = statistics.median(r["scattered"]["roofline_bytes_per_s"] for r in rows) / 1e9
     ax.axhline(roofline, color="black", linestyle="--", label=f"memory roofline (GEMV), {roofline:.0f} GB/s")
     ax.set(xscale="log", xlabel="KV bytes read per call (MB; more sequences to the right)",
