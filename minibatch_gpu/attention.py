@@ -129,7 +129,8 @@ def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum
                              token, slot, thread, num_threads, head_dim):
     """Combine the block's per-thread online softmaxes into its partition's output
     ``part_out[token, slot]``, and record the block's max score and its sum of
-    ``exp(score - max)`` in ``part_max``/``part_sum[token, slot]``.
+    ``exp(score - max)`` in ``part_max``/``part_sum[token, slot]`` for the merge (a launch
+    with one partition has nothing to merge and passes them empty).
 
     Each thread has its running max and sum (``-inf`` and 0 if it saw no key: it then
     weighs 0; at least one thread must have seen one) and its weighted values in
@@ -150,7 +151,7 @@ def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum
         for t in range(num_threads):
             weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
         part_out[token, slot, d] = weighted_values / total
-    if thread == 0:
+    if thread == 0 and part_max.shape[0]:
         part_max[token, slot] = block_max
         part_sum[token, slot] = total
     cuda.syncthreads()
@@ -178,8 +179,8 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
     Partition ``p`` of ``P`` holds keys ``p * partition_size ..`` and writes its
     normalized output to ``part_out[token, head * P + p]`` (``[N, Hq * P, D]``), its max
     score and sum of exponentials to ``part_max``/``part_sum`` ``[N, Hq * P]``. With one
-    partition, ``part_out`` is the attention's output itself. A partition past the
-    query's last visible key writes nothing.
+    partition, ``part_out`` is the attention's output itself and ``part_max``/``part_sum``
+    are empty. A partition past the query's last visible key writes nothing.
 
     An int8 cache (``quantized``) multiplies each key and value by its token's scale as
     it is read; a float cache passes 1-element dummy scales.
@@ -191,7 +192,7 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D]
     group = num_heads // num_kv_heads  # query heads sharing one kv head (GQA)
-    num_parts = part_max.shape[1] // num_heads  # [N, Hq * P]
+    num_parts = part_out.shape[1] // num_heads  # [N, Hq * P, D]
 
     for item in range(cuda.blockIdx.x, num_tokens * num_heads * num_parts, cuda.gridDim.x):
         token, head, part = item // (num_heads * num_parts), item // num_parts % num_heads, item % num_parts
@@ -387,21 +388,25 @@ def cached_attention(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, quer
         pools = (as_float32(k_cache), as_float32(v_cache), no_scale, no_scale)
     threads = threads_per_block(ATTENTION_THREADS)
     _cached_attention_kernel[blocks_for(num_tokens * num_heads * parts.count), threads, launch_stream()](
-        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale), *parts.buffers)
+        as_float32(q), *pools, quantized, as_index(block_tables), *layout.on_device, float32(scale),
+        *parts.kernel_arguments)
     parts.merge_into(out, layout)
     return out
 
 
 @dataclass(frozen=True)
 class Partitions:
-    """How an attention launch splits its queries' contexts (``count`` partitions of
-    ``size`` keys) and where the blocks write: ``buffers`` = (size, part_max, part_sum,
-    part_out), the kernel's last four arguments. With one partition, ``part_out`` is the
-    output itself and there is nothing to merge."""
+    """How an attention launch splits its queries' contexts: ``count`` partitions of
+    ``size`` keys, whose blocks write their outputs to ``part_out`` ``[N, Hq * P, D]`` and
+    their max scores and sums to ``part_max``/``part_sum`` ``[N, Hq * P]``. With one
+    partition, ``part_out`` is the output itself, ``part_max``/``part_sum`` are empty and
+    there is nothing to merge."""
 
     size: int
     count: int
-    buffers: tuple[int, Any, Any, Any]
+    part_max: Any
+    part_sum: Any
+    part_out: Any
 
     @classmethod
     def of(cls, out: Any, layout: BatchLayout, partition_size: int | None = None,
@@ -415,18 +420,24 @@ class Partitions:
         longest = int(layout.context_lens.max())
         size = partition_size or partition_size_for(num_tokens * num_heads, longest)
         count = -(-longest // size)
-        part_max = xp.empty((num_tokens, num_heads * count), dtype=xp.float32)  # [N, Hq * P]
-        part_sum = xp.empty((num_tokens, num_heads * count), dtype=xp.float32)  # [N, Hq * P]
-        part_out = out if count == 1 else xp.empty((num_tokens, num_heads * count, head_dim),
-                                                   dtype=xp.float32)  # [N, Hq * P, D]
-        return cls(size, count, (size, part_max, part_sum, part_out))
+        if count == 1:
+            nothing = xp.empty((0, 0), dtype=xp.float32)
+            return cls(size, count, nothing, nothing, out)
+        sums_shape = (num_tokens, num_heads * count)  # [N, Hq * P]
+        return cls(size, count, xp.empty(sums_shape, dtype=xp.float32), xp.empty(sums_shape, dtype=xp.float32),
+                   xp.empty((*sums_shape, head_dim), dtype=xp.float32))  # part_out: [N, Hq * P, D]
+
+    @property
+    def kernel_arguments(self) -> tuple[int, Any, Any, Any]:
+        """The attention kernels' last four arguments."""
+        return self.size, self.part_max, self.part_sum, self.part_out
 
     def merge_into(self, out: Any, layout: BatchLayout) -> None:
         """Merge the partitions' results into ``out`` (a second launch; none for one partition)."""
         if self.count > 1:
             threads = threads_per_block(WRITE_KV_THREADS)
             _merge_partitions_kernel[blocks_for(-(-out.size // threads)), threads, launch_stream()](
-                *self.buffers[1:], *layout.on_device, self.size, out)
+                self.part_max, self.part_sum, self.part_out, *layout.on_device, self.size, out)
 
 
 def partition_size_for(num_pairs: int, longest_context: int) -> int:

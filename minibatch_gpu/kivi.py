@@ -178,7 +178,7 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D/4]
     group = num_heads // num_kv_heads  # query heads sharing one kv head (GQA)
-    num_parts = part_max.shape[1] // num_heads  # [N, Hq * P]
+    num_parts = part_out.shape[1] // num_heads  # [N, Hq * P, D]
 
     for item in range(cuda.blockIdx.x, num_tokens * num_heads * num_parts, cuda.gridDim.x):
         token, head, part = item // (num_heads * num_parts), item // num_parts % num_heads, item % num_parts
@@ -335,7 +335,7 @@ def kivi_attention(q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any, k_scale: 
     threads = threads_per_block(ATTENTION_THREADS)
     _kivi_attention_kernel[blocks_for(num_tokens * num_heads * parts.count), threads, stream](
         q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, k_residual, v_residual, block_tables,
-        residual_rows, seq_of_token, *bounds, float32(scale), *parts.buffers)
+        residual_rows, seq_of_token, *bounds, float32(scale), *parts.kernel_arguments)
     parts.merge_into(out, layout)
     threads = threads_per_block(RESIDUAL_THREADS)
     _write_residual_kernel[blocks_for(-(-k.size // threads)), threads, stream](
