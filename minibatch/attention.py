@@ -38,8 +38,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Numerically stable softmax over the last axis."""
-    exp = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return exp / np.sum(exp, axis=-1, keepdims=True)
+    exp = np.exp(x - x.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def quantize_kv_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,14 +124,14 @@ def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    max_context = int(np.max(context_lens))
+    max_context = int(context_lens.max())
     max_blocks = -(-max_context // k_cache.shape[1])  # ceil: the blocks the longest context fills
     tables = block_tables[:, :max_blocks]  # [S, B] (-1 past a table's end: padding)
     k = gather_padded(k_cache, tables, max_context, k_scale)  # [S, L, Hkv, D]
     v = gather_padded(v_cache, tables, max_context, v_scale)  # [S, L, Hkv, D]
     q = q.reshape(num_seqs, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
     scores = q @ k.transpose(0, 2, 3, 1) * scale  # [S, Hkv, G, L]
-    if np.min(context_lens) < k.shape[1]:  # some sequences are shorter than the gather: mask their padding
+    if context_lens.min() < k.shape[1]:  # some sequences are shorter than the gather: mask their padding
         padding = np.arange(k.shape[1])[None, :] >= np.asarray(context_lens)[:, None]  # [S, L]
         scores = np.where(padding[:, None, None, :], -np.inf, scores)  # [S, Hkv, G, L]
     out = softmax(scores) @ v.transpose(0, 2, 1, 3)  # [S, Hkv, G, D]
@@ -157,11 +157,12 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     (:func:`decode_groups`): the same math, batched.
     """
     num_queries = np.diff(query_start_loc)  # [S]
-    decoding = np.flatnonzero(num_queries == 1)
     row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize  # one token's keys
-    groups = decode_groups(context_lens[decoding], row_bytes, DECODE_GROUP_BYTES)
-    if len(decoding) == len(context_lens) and len(groups) == 1:  # a decode step in one group: no regrouping
+    # N queries over S sequences with at least one each, N == S: one query each, a decode step
+    if len(q) == len(num_queries) and num_queries.min() == 1 and len(decode_groups(context_lens, row_bytes)) == 1:
         return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    decoding = np.flatnonzero(num_queries == 1)
+    groups = decode_groups(context_lens[decoding], row_bytes)
     out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
     for group in groups:
         seqs = decoding[group]

@@ -26,7 +26,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
     Computed in float32; no mean is subtracted, unlike LayerNorm.
     """
-    variance = np.mean(x * x, axis=-1, keepdims=True)  # [N, 1]
+    variance = (x * x).sum(axis=-1, keepdims=True) / x.shape[-1]  # [N, 1] the mean square
     return x / np.sqrt(variance + eps) * weight  # [N, H]
 
 
