@@ -80,7 +80,8 @@ class TextTracker:
     decoder: IncrementalDecoder = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decoder = IncrementalDecoder(self.tokenizer, self.prompt_token_ids)
+        self.decoder = IncrementalDecoder(self.tokenizer, self.prompt_token_ids,
+                                          self.params.skip_special_tokens)
 
     def stops_on_token(self, token_id: int) -> bool:
         """Whether ``token_id`` ends the completion (EOS unless ignored, or a stop id)."""

@@ -32,7 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # return the top-n log-probabilities per generated token
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool = True  # False: BOS/EOS and other special tokens appear in the text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

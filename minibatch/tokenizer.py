@@ -121,11 +121,14 @@ class IncrementalDecoder:
 
     Decodes a short window ending at the newest token and emits only text that is
     complete: a window whose decoding ends in U+FFFD (an unfinished byte sequence)
-    waits for the next token. ``flush`` emits whatever is left at the end.
+    waits for the next token. ``flush`` emits whatever is left at the end. Special tokens
+    (BOS, EOS, a chat template's markers) stay out of the text unless
+    ``skip_special_tokens=False``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = list(prompt_ids or [])[-6:]  # a little context for spacing
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
@@ -133,8 +136,7 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the new complete text (possibly empty)."""
         self.token_ids.append(token_id)
-        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
+        prefix, full = self._decode(self.read_offset), self._decode(len(self.token_ids))
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
             return full[len(prefix):]
@@ -142,10 +144,13 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Text still held back (an unfinished character becomes U+FFFD)."""
-        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
+        prefix, full = self._decode(self.read_offset), self._decode(len(self.token_ids))
         self.prefix_offset = self.read_offset = len(self.token_ids)
         return full[len(prefix):]
+
+    def _decode(self, end: int) -> str:
+        """Text of the window's tokens from ``prefix_offset`` up to ``end``."""
+        return self.tokenizer.decode(self.token_ids[self.prefix_offset:end], self.skip_special_tokens)
 
 
 def load_tokenizer(model_dir: str | Path, bos_token_id: int | None = None, eos_token_ids: tuple[int, ...] = (),

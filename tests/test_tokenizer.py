@@ -64,6 +64,21 @@ def test_stop_strings_never_leak_into_the_stream(text, stops):
     assert all(stop not in streamed for stop in stops)
 
 
+def streamed_text(tokenizer, params: SamplingParams, token_ids: list[int]) -> str:
+    """The text a completion of ``token_ids`` streams, none of which stops it."""
+    tracker = TextTracker(tokenizer, params, [])
+    deltas = [tracker.append(token)[0] for token in token_ids]
+    return "".join(deltas) + tracker.finish()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens_decides_whether_bos_and_eos_reach_the_text(skip):
+    tokenizer = ByteTokenizer()
+    ids = [ord("a"), 257, ord("b"), 256, ord("c")]  # EOS and BOS mid-stream (ignore_eos keeps going)
+    text = streamed_text(tokenizer, SamplingParams(ignore_eos=True, skip_special_tokens=skip), ids)
+    assert text == ("abc" if skip else "a</s>b<s>c")
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny BPE tokenizer.json trained with the ``tokenizers`` package."""
@@ -102,6 +117,16 @@ def test_hf_incremental_decoding_matches_full_decode(hf_dir):
     decoder = IncrementalDecoder(tokenizer)
     text = "".join(decoder.push(t) for t in ids) + decoder.flush()
     assert text == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_hf_skip_special_tokens(hf_dir, skip):
+    tokenizer = load_tokenizer(hf_dir)
+    words = [tokenizer.encode(word, add_special_tokens=False) for word in ("import os", " print")]
+    ids = [*words[0], 2, *words[1]]  # EOS (id 2) between them
+    text = streamed_text(tokenizer, SamplingParams(ignore_eos=True, skip_special_tokens=skip), ids)
+    assert text == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("</s>" in text) != skip
 
 
 def test_chat_template_renders(hf_dir):
