@@ -22,7 +22,7 @@ measured reading its weights from memory, as the roofline assumes); the table sh
 median round and every round's fraction. It prints the table and writes
 ``benchmarks/results/decode_<backend>.json``.
 
-    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 5] [--out FILE]
+    python benchmarks/decode.py [--backend numpy|gpu] [--steps 32] [--repeats 9] [--out FILE]
 
 BLAS threads change both sides of the ratio (a large GEMV scales with threads better than
 a decode step's small ones do), so the results directory keeps one run with the default
@@ -153,6 +153,38 @@ def time_minibatch_decode(model_dir: Path, backend_name: str, prompt_len: int, s
     return times[1:], probe_times[1:]  # drop the prefill
 
 
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # a fused layer's GEMVs, in step order
+
+
+def projection_bandwidths(model_dir: Path, backend_name: str, rounds: int) -> dict[str, dict]:
+    """Each of the runner's weight matrices timed alone: per projection (the fused layer's
+    four, and the LM head), its shape and the median bandwidth of a batch-1 GEMV over all
+    layers and ``rounds`` sweeps. A sweep runs the GEMVs in a decode step's order, so every
+    matrix is read cold (the layers since its last use have streamed through the caches)
+    with nothing else between them: what each GEMV costs apart from the rest of a step.
+    """
+    config = ModelConfig.from_dir(model_dir)
+    runner = ModelRunner(config, load_weights(model_dir, config), get_backend(backend_name))
+    ops, weights = runner.backend, runner.weights
+    rng = np.random.default_rng(0)
+    matrices = [(name, getattr(layer, name)) for layer in weights.layers for name in PROJECTIONS]
+    matrices.append(("lm_head", weights.lm_head))
+    inputs = {w.shape[1]: ops.asarray(rng.standard_normal((1, w.shape[1]), dtype=np.float32)) for _, w in matrices}
+    seconds: dict[str, list[float]] = {name: [] for name, _ in matrices}
+    for sweep in range(rounds + 1):  # the first sweep warms up and is not counted
+        for name, weight in matrices:
+            ops.synchronize()
+            start = time.perf_counter()
+            ops.linear(inputs[weight.shape[1]], weight)
+            ops.synchronize()
+            if sweep:
+                seconds[name].append(time.perf_counter() - start)
+    shapes = dict(matrices)  # name -> one matrix of that projection (all layers share its shape)
+    return {name: {"shape": list(shapes[name].shape), "bytes": int(shapes[name].nbytes),
+                   "bandwidth_bytes_per_s": shapes[name].nbytes / statistics.median(times)}
+            for name, times in seconds.items()}
+
+
 def time_hf_decode(model_dir: Path, prompt_len: int, steps: int, device: str = "cpu") -> list[float] | None:
     """Seconds per decode step of transformers' LlamaForCausalLM on ``device`` ("cpu" or
     "cuda"; None if transformers, torch or that device is absent)."""
@@ -215,6 +247,7 @@ def benchmark_model(name: str, model_dir: Path, args: argparse.Namespace) -> dic
                        "checkpoint_layout_fraction_of_roofline": measured[True][1]})
     result = {"model": name, "parameters": config.num_parameters, "weight_bytes_per_step": step_bytes,
               **{key: statistics.median(r[key] for r in rounds) for key in rounds[0]}, "rounds": rounds}
+    result["projections"] = projection_bandwidths(model_dir, args.backend, args.repeats)
     if not args.no_hf:  # on the same kind of processor: the CPU for numpy, the GPU for gpu
         hf = time_hf_decode(model_dir, args.prompt_len, args.steps, "cpu" if args.backend == "numpy" else "cuda")
         if hf is not None:
@@ -241,11 +274,22 @@ def print_table(results: list[dict]) -> None:
           "ckpt layout: the checkpoint's separate row-major matrices)")
 
 
+def print_projections(results: list[dict]) -> None:
+    for r in results:
+        probe = r["gemv_bandwidth_bytes_per_s"] / 1e9
+        print(f"\n{r['model']}: each GEMV alone (batch 1, read cold), beside the {probe:.1f} GB/s of the large probe")
+        for name, p in r["projections"].items():
+            shape = " x ".join(str(n) for n in p["shape"])
+            print(f"  {name:<14}{shape:>14}{p['bytes'] / 1e6:>9.2f} MB{p['bandwidth_bytes_per_s'] / 1e9:>8.1f} GB/s"
+                  f"{p['bandwidth_bytes_per_s'] / r['gemv_bandwidth_bytes_per_s']:>8.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="numpy", choices=["numpy", "gpu"])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per run")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds per model (median taken)")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="rounds per model (median taken; a busy spell can sink a round or two)")
     parser.add_argument("--gemv-size", type=int, default=8192, help="rows and columns of the bandwidth GEMV")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
@@ -259,6 +303,7 @@ def main() -> None:
             model_dir = write_smollm2_shaped(Path(tmp) / "smollm2-135m-shaped")
             results.append(benchmark_model("SmolLM2-135M-shaped", model_dir, args))
     print_table(results)
+    print_projections(results)
     out = args.out or RESULTS / f"decode_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "decode", "backend": args.backend, "machine": platform.platform(),

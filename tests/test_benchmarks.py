@@ -298,6 +298,10 @@ def test_decode_benchmark_pairs_every_step_with_a_gemv_and_takes_the_median_roun
     for r in result["rounds"]:
         bandwidth = r["gemv_bandwidth_bytes_per_s"]
         assert r["roofline_tokens_per_s"] == pytest.approx(bandwidth / result["weight_bytes_per_step"])
+    projections = result["projections"]  # each GEMV timed alone: the fused layer's four and the LM head
+    assert list(projections) == [*decode.PROJECTIONS, "lm_head"]
+    for p in projections.values():
+        assert p["bytes"] == 4 * np.prod(p["shape"]) and p["bandwidth_bytes_per_s"] > 0
 
 
 def test_attention_benchmark_cases_use_every_block_once_and_count_the_kv_bytes(tmp_path, monkeypatch):
