@@ -32,7 +32,7 @@ and where a step's time goes at each batch size.
 
 It prints tables, writes ``benchmarks/results/serving.json`` and ``serving_*.png``.
 Latencies come from the engine's ``EventLog`` (TTFT, TPOT as in DistServe). The machine
-is noisy, so read the ratios; on a busy CPU ``OMP_NUM_THREADS=1`` gives steadier numbers.
+is noisy, so read the ratios; on a busy CPU ``OPENBLAS_NUM_THREADS=1`` gives steadier numbers.
 
 The systems are in ``serving_systems.py``, decode scaling in ``serving_scaling.py``, the
 summaries, tables and plots in ``serving_report.py``.

@@ -46,7 +46,8 @@ class LLM:
     A checkpoint saved quantized (``minibatch quantize``) loads as it is. Other
     keyword arguments configure the engine (see :class:`~minibatch.engine.EngineConfig`:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``kv_cache_memory``,
-    ``num_blocks``, ``policy``, ``enable_prefix_caching``).
+    ``num_blocks``, ``policy``, ``enable_prefix_caching``, ``watermark``,
+    ``kv_cache_dtype``).
     """
 
     def __init__(self, model: str | Path | None = None, backend: str = "numpy", quantization: str | None = None,
