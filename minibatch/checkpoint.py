@@ -89,12 +89,16 @@ def read_safetensors(path: str | Path) -> dict[str, tuple[str, np.ndarray]]:
         header = json.loads(bytes(data[8 : 8 + header_len]))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, not an object of tensors; "
+                              "the file is corrupt")
     body = data[8 + header_len :]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = (info["dtype"], _tensor_view(body, name, info, path))
+        array = _tensor_view(body, name, info, path)  # checks the entry first
+        tensors[name] = (info["dtype"], array)
     return tensors
 
 
@@ -105,19 +109,26 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
         return json.loads(file.read(header_len)).get("__metadata__", {}) or {}
 
 
-def _tensor_view(body: np.ndarray, name: str, info: dict, path: Path) -> np.ndarray:
-    dtype_name = info.get("dtype")
+def _tensor_view(body: np.ndarray, name: str, info: object, path: Path) -> np.ndarray:
+    try:
+        dtype_name = info.get("dtype")
+        start, end = (int(offset) for offset in info["data_offsets"])
+        shape = tuple(int(d) for d in info["shape"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry {info!r} (it needs dtype, "
+                              "shape and data_offsets); the file is corrupt") from None
     if dtype_name not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype_name}")
     dtype = SAFETENSORS_DTYPES[dtype_name]
-    start, end = info["data_offsets"]
-    shape = tuple(info["shape"])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - start != expected or end > body.size:
+    if start < 0 or end - start != expected or min(shape, default=0) < 0:
         raise CheckpointError(
             f"{path}: tensor '{name}' claims shape {list(shape)} {dtype_name} "
             f"({expected} bytes) but its data spans {end - start} bytes; the file is corrupt or truncated"
         )
+    if end > body.size:
+        raise CheckpointError(f"{path}: tensor '{name}' ends at byte {end} of the data but the file holds only "
+                              f"{body.size} bytes of data; the file is corrupt or truncated")
     return body[start:end].view(dtype).reshape(shape)
 
 
@@ -163,8 +174,12 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as error:
+            raise CheckpointError(f"{index} is not a valid index (a JSON object whose weight_map maps tensor "
+                                  f"names to shard files): {error}") from None
         missing = [shard for shard in shards if not (model_dir / shard).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shard(s) {missing} that are not in {model_dir}")

@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from minibatch import LLM, SamplingParams
 
-    llm = LLM(args.model, backend=args.backend)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
+    llm = LLM(args.model, backend=args.backend)
+    llm.engine.check_request(args.prompt, params)  # a bad request fails before anything is printed
     print(args.prompt, end="", flush=True)
     output = None
     for delta, latest in llm.stream_outputs(args.prompt, params):
@@ -136,12 +137,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     """Quantize IN_DIR's projections into OUT_DIR, which appears whole or not at all."""
     from minibatch.checkpoint import load_weights, save_model
     from minibatch.config import ModelConfig
+    from minibatch.llm import resolve_model_dir
     from minibatch.quant import check_scheme, projection_sizes, quantize_model
 
     check_scheme(args.scheme)
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
-    if not in_dir.is_dir():
-        raise FileNotFoundError(f"model directory '{in_dir}' does not exist")
+    resolve_model_dir(in_dir)  # a missing directory, or a file given for one, fails here
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} already exists and is not an empty directory: choose a new output directory")
     config = ModelConfig.from_dir(in_dir)

@@ -89,19 +89,26 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
-        """Read ``config.json`` from a checkpoint directory."""
+        """Read ``config.json`` from a checkpoint directory; :class:`ConfigError` says what
+        is wrong with a missing, unreadable or unsupported one."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path} not found: a model directory needs a config.json")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path} is not valid JSON: {error}") from None
         return cls.from_hf(raw, source=str(path))
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build a config from a parsed Hugging Face config.json dictionary."""
+        """Build a config from a parsed Hugging Face config.json dictionary.
+
+        Raises :class:`ConfigError` naming the field for anything missing, malformed or
+        unsupported.
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object of model settings, got {type(raw).__name__}")
         architecture = _architecture(raw, source)
 
         def need(key: str) -> Any:
@@ -109,10 +116,16 @@ class ModelConfig:
                 raise ConfigError(f"{source}: required field '{key}' is missing")
             return raw[key]
 
-        num_heads = int(need("num_attention_heads"))
-        hidden_size = int(need("hidden_size"))
-        num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
-        head_dim = int(raw.get("head_dim") or hidden_size // num_heads)
+        def size(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (isinstance(value, float) and not value.is_integer()) or value < 1:
+                raise ConfigError(f"{source}: {key}={value!r} is invalid: it must be a positive integer")
+            return int(value)
+
+        num_heads = size("num_attention_heads", need("num_attention_heads"))
+        hidden_size = size("hidden_size", need("hidden_size"))
+        num_kv_heads = size("num_key_value_heads", raw.get("num_key_value_heads") or num_heads)
+        head_dim = size("head_dim", raw.get("head_dim") or hidden_size // num_heads)
         if num_heads % num_kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads={num_heads} is not a multiple of "
@@ -126,14 +139,14 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             architecture=architecture,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=size("vocab_size", need("vocab_size")),
             hidden_size=hidden_size,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=size("intermediate_size", need("intermediate_size")),
+            num_layers=size("num_hidden_layers", need("num_hidden_layers")),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=size("max_position_embeddings", raw.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=_rope_theta(raw),
             rope_scaling=_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters"), source),
@@ -168,6 +181,9 @@ def _rope_scaling(raw: dict[str, Any] | None, source: str) -> RopeScaling:
     """``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
     if not raw:
         return RopeScaling()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: rope_scaling={raw!r} is invalid: it must be an object such as "
+                          '{"rope_type": "linear", "factor": 4.0}, or null')
     if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor={raw['partial_rotary_factor']} is not supported")
     rope_type = raw.get("rope_type", raw.get("type", "default"))

@@ -24,7 +24,7 @@ from minibatch.metrics import EventLog, RequestRecord, StepRecord
 from minibatch.model import ForwardBatch, ModelRunner, ModelWeights
 from minibatch.outputs import CompletionOutput, RequestMetrics, RequestOutput, TextTracker
 from minibatch.quant import check_scheme, quantization_of, quantize_model
-from minibatch.sampling import SamplingParams, make_generator, sample_token, top_logprobs
+from minibatch.sampling import SamplingParams, is_int, is_number, make_generator, sample_token, top_logprobs
 from minibatch.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus, get_policy
 from minibatch.tokenizer import Tokenizer, load_tokenizer
 
@@ -33,7 +33,10 @@ PromptType = str | dict[str, Any] | list[int]
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How the engine batches and how big its KV cache is."""
+    """How the engine batches and how big its KV cache is.
+
+    Raises ``ValueError`` naming the field and the allowed values on a bad setting.
+    """
 
     block_size: int = 16
     num_blocks: int | None = None  # default: derived from kv_cache_memory
@@ -44,6 +47,27 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     watermark: float = 0.01  # fraction of blocks kept free when admitting
     kv_cache_dtype: str = "float32"  # "float32" | "int8" (per token and head) | "kivi2" (2-bit KIVI)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every setting; ``ValueError`` names the first bad one and what it may be."""
+        _setting(is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
+        _setting(self.num_blocks is None or (is_int(self.num_blocks) and self.num_blocks >= 1), "num_blocks",
+                 self.num_blocks, "None (derive it from kv_cache_memory) or an integer >= 1")
+        _setting(is_int(self.kv_cache_memory) and self.kv_cache_memory >= 1, "kv_cache_memory",
+                 self.kv_cache_memory, "a number of bytes >= 1")
+        _setting(is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs,
+                 "an integer >= 1")
+        _setting(is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, "an integer >= 1 (tokens one step may compute)")
+        get_policy(self.policy)
+        _setting(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
+                 "True or False")
+        _setting(is_number(self.watermark) and 0 <= self.watermark < 1, "watermark", self.watermark,
+                 "a fraction in [0, 1)")
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
     @property
     def num_residual_rows(self) -> int:
@@ -65,6 +89,11 @@ class EngineConfig:
         by_memory = (self.kv_cache_memory - residual) // per_block
         enough = self.max_num_seqs * -(-config.max_model_len // self.block_size) + 1
         return max(1, min(by_memory, enough))
+
+
+def _setting(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: allowed values are {allowed}")
 
 
 @dataclass(slots=True)
@@ -112,8 +141,11 @@ class LLMEngine:
                  engine_config: EngineConfig | None = None, quantization: str | None = None, **overrides: Any):
         from minibatch.llm import resolve_model_dir
 
+        if engine_config is not None and overrides:
+            raise ValueError(f"engine settings came both as engine_config and as keywords ({', '.join(overrides)}): "
+                             "pass them one way")
         self.engine_config = engine_config or EngineConfig(**overrides)
-        check_kv_cache_dtype(self.engine_config.kv_cache_dtype)
+        self.engine_config.validate()  # (again, if the config was changed after it was built)
         if quantization is not None:
             check_scheme(quantization)  # fail before reading any weights
         self.model_dir = resolve_model_dir(model)
@@ -123,7 +155,6 @@ class LLMEngine:
         weights = self._load_weights(quantization)
         self.quantization = quantization_of(weights)
         self.runner = ModelRunner(self.config, weights, get_backend(backend), self.engine_config.kv_cache_dtype)
-        get_policy(self.engine_config.policy)  # fail early on a bad name
         self.reset()
 
     def _load_weights(self, quantization: str | None) -> ModelWeights:
@@ -154,15 +185,17 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:
         """Validate and queue a request. Raises ``ValueError`` (and changes nothing) for a
-        bad prompt, a duplicate id, or a request that could never fit."""
-        params = params or SamplingParams()
+        duplicate id, a ``priority`` that is not an integer, an ``arrival_time`` that is not
+        a number, or anything :meth:`check_request` rejects."""
         if request_id in self.requests:
-            raise ValueError(f"request id '{request_id}' is already in use")
-        text, ids = self.encode_prompt(prompt)
-        self._check_fits(len(ids), params)
-        if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} samples run as {params.n} sequences at once, but max_num_seqs is "
-                             f"{self.scheduler.max_num_seqs}: lower n or raise max_num_seqs")
+            raise ValueError(f"request id '{request_id}' is already in use: give each unfinished request its own")
+        if not is_int(priority):
+            raise ValueError(f"priority={priority!r} is invalid: it must be an integer (lower runs first)")
+        if arrival_time is not None and not is_number(arrival_time):
+            raise ValueError(f"arrival_time={arrival_time!r} is invalid: it must be a time.perf_counter() value "
+                             "or None (now)")
+        params = SamplingParams() if params is None else params
+        text, ids = self.check_request(prompt, params)
         now = time.perf_counter() if arrival_time is None else arrival_time
         sequence = self._new_sequence(request_id, list(ids), len(ids), params, now, 0, priority)
         record = RequestRecord(request_id, now, len(ids))
@@ -171,6 +204,31 @@ class LLMEngine:
                                                  [[] if params.logprobs is not None else None], record)
         self.log.requests[request_id] = record
         self.scheduler.add(sequence)
+
+    def check_request(self, prompt: PromptType,
+                      params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """Validate a request without queuing it; returns the prompt's ``(text, token ids)``.
+
+        Raises ``ValueError`` saying what is wrong and what to do for a bad prompt (see
+        :meth:`encode_prompt`), ``params`` that are not a :class:`SamplingParams` or whose
+        ``stop_token_ids`` lie outside the vocabulary, ``n`` above ``max_num_seqs``, or a
+        request that could never fit the KV cache (or, for a policy without chunked
+        prefill, one step's token budget).
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__} {params!r}: "
+                             "build them with SamplingParams(...)")
+        text, ids = self.encode_prompt(prompt)
+        outside = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
+        if outside:
+            raise ValueError(f"SamplingParams.stop_token_ids has {outside[0]}, outside the vocabulary "
+                             f"[0, {self.config.vocab_size}): the model can never produce it")
+        self._check_fits(len(ids), params)
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} samples run as {params.n} sequences at once, but max_num_seqs is "
+                             f"{self.scheduler.max_num_seqs}: lower n or raise max_num_seqs")
+        return text, ids
 
     def abort_request(self, request_id: str) -> bool:
         """End a request now and free its blocks; False if it is unknown or already done."""
@@ -285,19 +343,30 @@ class LLMEngine:
     # --------------------------------------------------------------- helpers
 
     def encode_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """``(text, token ids)`` of a prompt given as text, ids, or ``{"prompt_token_ids"}``."""
+        """``(text, token ids)`` of a prompt given as text, ids, or ``{"prompt_token_ids"}``.
+
+        Raises ``ValueError`` for any other type, an empty prompt, an id that is not an
+        integer in ``[0, vocab_size)``, or a prompt that leaves no room in the model's context.
+        """
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
         elif isinstance(prompt, list):
-            text, ids = None, list(prompt)
+            text, ids = None, prompt
         else:
             raise ValueError(f"a prompt must be a string, a list of token ids or "
                              f"{{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+        ids = list(ids)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
+        not_ints = [t for t in ids if not is_int(t)]
+        if not_ints:
+            raise ValueError(f"prompt token id {not_ints[0]!r} is not an integer: token ids are integers in "
+                             f"[0, {self.config.vocab_size})")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) >= self.config.max_model_len:

@@ -341,8 +341,11 @@ class PagedKVCache:
         return len(hits) * self.block_size
 
     def append_slots(self, seq_id: Any, num_new_tokens: int) -> np.ndarray:
-        """Claim slots for ``num_new_tokens`` more tokens of a sequence; returns their slot
-        mapping. A shared last block is copied first (copy-on-write)."""
+        """Claim slots for ``num_new_tokens`` (>= 0) more tokens of a sequence; returns their
+        slot mapping. A shared last block is copied first (copy-on-write)."""
+        if num_new_tokens < 0:
+            raise ValueError(f"cannot append {num_new_tokens} tokens: the count must be >= 0 (to drop tokens, "
+                             "use rewind)")
         if not self.can_append(seq_id, num_new_tokens):
             raise CacheFullError(f"not enough free KV blocks to append {num_new_tokens} tokens")
         table, start = self.tables[seq_id], self.num_tokens[seq_id]
@@ -381,7 +384,12 @@ class PagedKVCache:
 
     def fork(self, parent_id: Any, child_id: Any) -> None:
         """The child shares every block of the parent (copy-on-write on the first write)
-        and, in a KIVI cache, starts from a copy of the parent's residual row."""
+        and, in a KIVI cache, starts from a copy of the parent's residual row. Raises
+        ``ValueError`` (and changes nothing) if the parent has no blocks or the child has."""
+        if parent_id not in self.tables:
+            raise ValueError(f"cannot fork sequence {parent_id!r}: it has no blocks")
+        if child_id in self.tables:
+            raise ValueError(f"sequence {child_id!r} already has blocks: fork into a new sequence id")
         if self.num_residual_rows:
             if not self.free_rows:
                 raise CacheFullError(f"no free residual row for sequence {child_id!r}: all "
@@ -397,6 +405,8 @@ class PagedKVCache:
 
     def free(self, seq_id: Any) -> None:
         """Release a finished, aborted or preempted sequence's blocks."""
+        if seq_id not in self.tables:
+            raise ValueError(f"sequence {seq_id!r} has no blocks to free (never allocated, or already freed)")
         for block_id in reversed(self.tables.pop(seq_id)):  # tail first: evicted first
             self._release(block_id)
         del self.num_tokens[seq_id]

@@ -18,7 +18,7 @@ from minibatch.engine import LLMEngine, PromptType
 from minibatch.kv_cache import ContiguousKVCache
 from minibatch.model import ForwardBatch
 from minibatch.outputs import RequestOutput
-from minibatch.sampling import SamplingParams
+from minibatch.sampling import SamplingParams, is_int
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "tiny-target"
@@ -32,6 +32,9 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise NotADirectoryError(f"model '{model}' is a file, not a directory: give the checkpoint directory "
+                                 "(the one holding config.json)")
     hint = " (to fetch it by repo id: minibatch download REPO_ID DIR)" if "/" in str(model) else ""
     raise FileNotFoundError(f"model directory '{model}' does not exist{hint}")
 
@@ -64,14 +67,20 @@ class LLM:
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
         ``sampling_params`` is one :class:`SamplingParams` for all prompts or one per prompt.
-        If any prompt is invalid, nothing is queued and ``ValueError`` says which.
+        If any prompt is invalid, nothing is queued and ``ValueError`` says which. If
+        generation is interrupted (an exception, Ctrl-C), the unfinished requests are aborted.
         """
         request_ids = self._add_requests(prompts, sampling_params)
         finished: dict[str, RequestOutput] = {}
-        while len(finished) < len(request_ids):
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
+        try:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
         return [finished[request_id] for request_id in request_ids]
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[str]:
@@ -119,22 +128,26 @@ class LLM:
 
     def _add_requests(self, prompts: PromptType | Sequence[PromptType],
                       sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
-        """Queue every prompt, or none of them if one is rejected."""
-        if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
+        """Queue every prompt, or none of them if one is rejected: all are checked first."""
+        if not isinstance(prompts, (list, tuple)) or (prompts and is_int(prompts[0])):
             prompts = [prompts]  # a single prompt
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
-        else:
+        if isinstance(sampling_params, (list, tuple)):
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts: "
                                  "pass one for all prompts or exactly one per prompt")
+        else:
+            params_list = [SamplingParams() if sampling_params is None else sampling_params] * len(prompts)
+        checked = [self.engine.check_request(prompt, params) for prompt, params in zip(prompts, params_list,
+                                                                                          strict=True)]
         added: list[str] = []
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
+            for (text, ids), params in zip(checked, params_list, strict=True):
+                while str(self._next_id) in self.engine.requests:  # taken by a request added to the engine directly
+                    self._next_id += 1
                 request_id = str(self._next_id)
                 self._next_id += 1
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, {"prompt": text, "prompt_token_ids": ids}, params)
                 added.append(request_id)
         except Exception:
             for request_id in added:

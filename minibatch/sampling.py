@@ -8,7 +8,10 @@ same tokens, and a request's tokens never depend on which other requests share i
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -35,21 +38,30 @@ class SamplingParams:
     skip_special_tokens: bool = True  # False: BOS/EOS and other special tokens appear in the text
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
-        _check(self.top_k >= -1, "top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "(0, 1]")
-        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "[0, 1]")
-        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0 (1 disables it)")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1 or None")
-        _check(self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, ">= 0 or None")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
-        _check(all(int(t) >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
-               "non-negative token ids")
+        self.stop = _as_list([self.stop] if isinstance(self.stop, str) else self.stop, "stop",
+                             "a string or a list of non-empty strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of token ids (integers >= 0)")
+        _check(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a finite number >= 0 (0 means greedy)")
+        _check(is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
+        _check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        _check(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               self.repetition_penalty, "a finite number > 0 (1 disables it)")
+        _check(self.seed is None or (is_int(self.seed) and self.seed >= 0), "seed", self.seed,
+               "None or an integer >= 0")
+        _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+               self.max_tokens, "an integer >= 1, or None")
+        _check(self.logprobs is None or (is_int(self.logprobs) and self.logprobs >= 0), "logprobs", self.logprobs,
+               "an integer >= 0, or None")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+               "a string or a list of non-empty strings")
+        _check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+               "a list of token ids (integers >= 0)")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "True or False")
+        _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", self.skip_special_tokens,
+               "True or False")
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +71,24 @@ class SamplingParams:
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"SamplingParams.{name}={value!r} is invalid: allowed values are {allowed}")
+
+
+def _as_list(value: object, name: str, allowed: str) -> list:
+    """``value`` as a new list (None: empty); a string or a non-iterable is invalid."""
+    if value is None:
+        return []
+    _check(isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)), name, value, allowed)
+    return list(value)
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), not a bool."""
+    return type(value) is int or (isinstance(value, Integral) and not isinstance(value, bool))
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def make_generator(seed: int | None) -> np.random.Generator:

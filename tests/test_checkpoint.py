@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -107,6 +108,34 @@ def test_truncated_file_is_reported(model_dir):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_weights(model_dir, ModelConfig.from_dir(model_dir))
+
+
+def test_truncated_file_says_how_much_is_there(model_dir):
+    path = model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"ends at byte (\d+) of the data but the file holds only \d+ bytes"):
+        load_weights(model_dir, ModelConfig.from_dir(model_dir))
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ([1, 2, 3], "header is a JSON list"),
+    ({"x": {"dtype": "F32", "shape": [2]}}, "'x' has a malformed header entry"),
+    ({"x": "F32"}, "'x' has a malformed header entry"),
+    ({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [8, 0]}}, "'x' claims shape"),
+])
+def test_malformed_header_entries_are_reported(tmp_path, header, message):
+    path = tmp_path / "x.safetensors"
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(8))
+    with pytest.raises(CheckpointError, match=message):
+        read_safetensors(path)
+
+
+def test_index_that_is_not_json_is_named(tmp_path):
+    shutil.copytree(FIXTURES / "qwen2_bias", tmp_path / "q")
+    (tmp_path / "q" / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not a valid index"):
+        load_weights(tmp_path / "q", ModelConfig.from_dir(tmp_path / "q"))
 
 
 def test_garbage_header_is_reported(model_dir):

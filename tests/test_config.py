@@ -45,6 +45,29 @@ def test_missing_required_field_is_named():
         ModelConfig.from_hf(raw)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"vocab_size": None}, "vocab_size=None is invalid"),
+    ({"hidden_size": "64"}, "hidden_size='64' is invalid"),
+    ({"num_hidden_layers": 1.5}, "num_hidden_layers=1.5 is invalid"),
+    ({"num_attention_heads": 0}, "num_attention_heads=0 is invalid"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads=-2 is invalid"),
+    ({"max_position_embeddings": True}, "max_position_embeddings=True is invalid"),
+    ({"rope_scaling": "linear"}, "rope_scaling='linear' is invalid"),
+])
+def test_malformed_fields_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(tiny_raw_config(**overrides))
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_dir(tmp_path)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config.json"):
         ModelConfig.from_dir(tmp_path)

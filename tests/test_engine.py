@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minibatch import SamplingParams
-from minibatch.engine import LLMEngine
+from minibatch.engine import EngineConfig, LLMEngine
 from tests.helpers import FIXTURES
 
 MODEL = FIXTURES / "llama_gqa"
@@ -148,6 +148,58 @@ def test_requests_that_can_never_fit_are_rejected_and_allocate_nothing():
     engine.add_request("ok", {"prompt_token_ids": [3] * 4}, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("ok", {"prompt_token_ids": [3]})
+
+
+def engine_state(engine: LLMEngine) -> tuple:
+    return (engine.cache.num_free_blocks, dict(engine.cache.tables), dict(engine.requests),
+            list(engine.scheduler.waiting), list(engine.scheduler.running), dict(engine.log.requests))
+
+
+@pytest.mark.parametrize(("prompt", "params", "options", "message"), [
+    ({"prompt_token_ids": [3, 4.7]}, None, {}, "not an integer"),
+    ({"prompt_token_ids": [3, "4"]}, None, {}, "not an integer"),
+    ({"prompt_token_ids": [True, 4]}, None, {}, "not an integer"),
+    ({"prompt_token_ids": 5}, None, {}, "list of token ids"),
+    ([3, 4], SamplingParams(stop_token_ids=[VOCAB + 5]), {}, "stop_token_ids.*outside the vocabulary"),
+    ([3, 4], {"max_tokens": 3}, {}, "must be a SamplingParams"),
+    ([3, 4], None, {"priority": None}, "priority"),
+    ([3, 4], None, {"arrival_time": "now"}, "arrival_time"),
+])
+def test_rejected_requests_leave_the_engine_unchanged(prompt, params, options, message):
+    """Each bad request raises a ValueError saying what is wrong, registers nothing, claims
+    no block, and a valid request afterwards runs as on a fresh engine."""
+    engine = LLMEngine(MODEL, block_size=4, num_blocks=16, policy="priority")
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    fresh = run_all(engine, [[5, 6, 7]], [greedy])
+    engine.reset()
+    before = engine_state(engine)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, params, **options)
+    assert engine_state(engine) == before
+    assert run_all(engine, [[5, 6, 7]], [greedy]) == fresh
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("block_size", 0, None), ("block_size", 2.5, None), ("num_blocks", 0, None), ("kv_cache_memory", 0, None),
+    ("max_num_seqs", 0, None), ("max_num_batched_tokens", 0, None), ("watermark", 1.0, None),
+    ("watermark", -0.1, None), ("watermark", float("nan"), None), ("enable_prefix_caching", "yes", None),
+    ("policy", "lifo", "unknown scheduling policy 'lifo': choose one of"),
+    ("kv_cache_dtype", "fp8", "kv_cache_dtype 'fp8' is not supported: choose one of"),
+])
+def test_bad_engine_settings_name_the_field_and_range(field, value, message):
+    """Refused when the config is built, before any weights load: not a ZeroDivisionError
+    (block_size=0), an engine that never schedules anything (max_num_batched_tokens=0), or
+    a watermark that lets admission overcommit the pool."""
+    message = message or rf"EngineConfig\.{field}=.*allowed values"
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        LLMEngine(MODEL, **{field: value})
+
+
+def test_engine_config_and_keyword_settings_together_are_refused():
+    with pytest.raises(ValueError, match="block_size.*one way"):
+        LLMEngine(MODEL, engine_config=EngineConfig(block_size=8), block_size=4)
 
 
 def test_decodes_are_never_stalled_by_a_long_prefill():

@@ -208,6 +208,35 @@ def test_allocation_that_cannot_fit_changes_nothing():
     assert cache.num_free_blocks == 2 and not cache.tables
 
 
+def cache_state(cache: PagedKVCache) -> tuple:
+    return ({seq: list(table) for seq, table in cache.tables.items()}, dict(cache.num_tokens),
+            [b.ref_count for b in cache.blocks], cache.num_free_blocks, list(cache.free_rows),
+            dict(cache.residual_row), list(cache.pending_row_copies))
+
+
+@pytest.mark.parametrize("num_residual_rows", [0, 3])
+def test_bad_fork_append_and_free_are_refused_and_change_nothing(num_residual_rows):
+    """Forking into a sequence that has blocks used to overwrite its table and leak its
+    blocks; forking an unknown parent in a KIVI cache used to leak a residual row; a
+    negative append used to shrink the sequence without releasing anything."""
+    cache = PagedKVCache(num_blocks=8, block_size=4, num_residual_rows=num_residual_rows)
+    cache.allocate("a", [1, 2, 3, 4, 5, 6])
+    cache.allocate("b", [7, 8, 9, 10, 11])
+    before = cache_state(cache)
+    with pytest.raises(ValueError, match="'b' already has blocks"):
+        cache.fork("a", "b")
+    with pytest.raises(ValueError, match="cannot fork sequence 'nope'"):
+        cache.fork("nope", "c")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        cache.append_slots("a", -3)
+    with pytest.raises(ValueError, match="'nope' has no blocks to free"):
+        cache.free("nope")
+    assert cache_state(cache) == before
+    cache.free("a")
+    cache.free("b")
+    assert cache.num_free_blocks == 8 and all(b.ref_count == 0 for b in cache.blocks)
+
+
 def test_contiguous_cache_rows():
     cache = ContiguousKVCache(max_seqs=2, max_len=8)
     cache.allocate("a")

@@ -103,6 +103,48 @@ def test_params_count_must_match_prompts(llm):
         llm.generate(["a", "b"], [GREEDY])
 
 
+def test_a_later_invalid_prompt_leaves_no_trace_of_the_earlier_ones(llm):
+    engine = llm.engine
+    before = (engine.cache.num_free_blocks, dict(engine.log.requests), len(engine.scheduler.waiting))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(["a", "bb", [5, 10_000]], GREEDY)
+    assert not engine.requests and not engine.has_unfinished_requests()
+    assert (engine.cache.num_free_blocks, dict(engine.log.requests), len(engine.scheduler.waiting)) == before
+
+
+def test_sampling_params_of_the_wrong_type_are_rejected(llm):
+    with pytest.raises(ValueError, match="must be a SamplingParams, got dict"):
+        llm.generate("abc", {"max_tokens": 3})
+    assert not llm.engine.requests
+
+
+def test_numpy_token_ids_are_one_prompt(llm):
+    ids = llm.tokenizer.encode("abc")
+    by_numpy = llm.generate(list(np.array(ids)), GREEDY)
+    assert len(by_numpy) == 1 and by_numpy[0].token_ids == llm.generate(ids, GREEDY)[0].token_ids
+
+
+def test_interrupted_generate_aborts_its_requests(llm, monkeypatch):
+    step = llm.engine.step
+
+    def interrupted_step():
+        step()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["abc", "de"], GREEDY)
+    monkeypatch.undo()
+    assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+    assert llm.engine.cache.num_used_blocks == 0
+
+
+def test_model_path_that_is_a_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        LLM(tmp_path / "model.safetensors")
+
+
 def test_missing_model_directory():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LLM("/nonexistent/model")

@@ -30,6 +30,26 @@ def test_invalid_values_name_the_field_and_range(field, value):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("n", True), ("n", 2.0), ("temperature", float("inf")), ("temperature", float("nan")), ("temperature", "0.5"),
+    ("top_k", 2.5), ("top_k", True), ("top_p", float("nan")), ("repetition_penalty", float("inf")),
+    ("seed", -1), ("seed", "42"), ("seed", 1.5), ("max_tokens", 2.5), ("max_tokens", True), ("logprobs", 1.5),
+    ("stop", 5), ("stop_token_ids", ["a"]), ("stop_token_ids", [1.5]), ("stop_token_ids", 7),
+    ("ignore_eos", "no"), ("skip_special_tokens", None),
+])
+def test_wrong_types_and_non_finite_values_name_the_field_and_range(field, value):
+    """A value of the wrong type is refused up front, not accepted to fail (or be silently
+    truncated) later, in the middle of an engine step."""
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.*allowed"):
+        SamplingParams(**{field: value})
+
+
+def test_numpy_numbers_are_accepted():
+    params = SamplingParams(n=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(3), seed=np.int64(7),
+                            max_tokens=np.int64(4), stop_token_ids=np.array([3, 4]))
+    assert params.stop_token_ids == [3, 4]
+
+
 def test_a_single_stop_string_becomes_a_list():
     assert SamplingParams(stop="\n\n").stop == ["\n\n"]
 
