@@ -17,8 +17,15 @@ context".
 A block works on one (query, head) pair, and a decode step of a few sequences has too
 few pairs to occupy a GPU: batch 1 of SmolLM2-135M is 9 blocks for an H100's 132
 multiprocessors. Then each context is split into *partitions* of keys, one block each,
-and a second kernel merges the partitions' softmaxes with the same rescaling the block's
-threads use among themselves (split-K decoding: Flash-Decoding, vLLM's paged attention v2).
+and a second kernel merges the partitions' softmaxes with the same rescaling a block
+applies from one tile of keys to the next (split-K decoding: Flash-Decoding, vLLM's paged
+attention v2).
+
+Within a block, keys go through shared memory a tile at a time: the warp copies a tile
+of keys with consecutive threads on consecutive dims (coalesced reads, whole cache lines),
+each thread scores one key, and for the values each thread accumulates its own dims. A
+thread never walks a key row of its own in global memory, which would have the warp's
+32 reads of one instruction land on 32 different cache lines.
 """
 
 from __future__ import annotations
@@ -43,18 +50,18 @@ from minibatch_gpu.device import (
 )
 
 MAX_HEAD_DIM = 256  # shared memory is sized at compile time, so head_dim has a bound
-ATTENTION_THREADS = 32  # one warp per (token, head): 32 x 257 float32 accumulators, about 32 KiB shared
-# A thread's accumulator row is one word longer than the longest head: shared memory has
-# 32 banks of 4-byte words, and with rows of 256 words element d of every thread's row
-# would sit in the same bank, so the warp's 32 updates of element d would queue one after
-# another. Rows of 257 words put thread t's element d in bank (t + d) % 32: all different.
-ACC_ROW_WORDS = MAX_HEAD_DIM + 1
+ATTENTION_THREADS = 32  # one warp per block, and a tile of 32 keys: 32 x 257 float32 words, about 32 KiB shared
+# A tile row is one word longer than the longest head: shared memory has 32 banks of
+# 4-byte words, and with rows of 256 words element d of every key would sit in the same
+# bank, so a warp scoring 32 keys (thread i reads element d of key i) would queue its 32
+# reads one after another. Rows of 257 words put key i's element d in bank (i + d) % 32.
+TILE_ROW_WORDS = MAX_HEAD_DIM + 1
 WRITE_KV_THREADS = 256
 # Split contexts into partitions until a launch has this many blocks per multiprocessor
 # (a block holds one warp and 32 KiB of shared memory, so a few fit on each at once) ...
 TARGET_BLOCKS_PER_MULTIPROCESSOR = 8
-# ... but never into partitions shorter than this: 4 keys per thread, so that reading
-# keys, not merging the block's partial softmaxes, stays the larger part of a block's work.
+# ... but never into partitions shorter than this: 4 tiles per block, so that reading
+# keys, not writing and merging partitions, stays the larger part of the work.
 MIN_PARTITION_KEYS = 128
 
 # ------------------------------------------------------------------------- kernels
@@ -114,47 +121,88 @@ def _round_half_even(value):
 
 
 @cuda.jit(device=True)
-def _online_softmax_step(running_max, running_sum, score):
-    """One key of a thread's online softmax: the new running max and sum, the factor that
-    rescales what was accumulated under the old max, and this key's weight. The caller
-    updates its weighted values as ``acc * correction + weight * value``."""
-    new_max = max(running_max, score)
-    correction = math.exp(running_max - new_max)  # rescales sums made under the old max
-    weight = math.exp(score - new_max)
-    return new_max, running_sum * correction + weight, correction, weight
+def _score_tile(q_row, tile, weights, tile_len, thread, head_dim):
+    """Thread ``i`` scores key ``i`` of the tile: ``weights[i] = q_row . tile[i]``. Ends
+    with a barrier, so every score is there and the tile may be overwritten."""
+    if thread < tile_len:
+        score = float32(0)
+        for d in range(head_dim):
+            score += q_row[d] * tile[thread, d]
+        weights[thread] = score
+    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
-def _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_max, part_sum, part_out,
-                             token, slot, thread, num_threads, head_dim):
-    """Combine the block's per-thread online softmaxes into its partition's output
-    ``part_out[token, slot]``, and record the block's max score and its sum of
-    ``exp(score - max)`` in ``part_max``/``part_sum[token, slot]`` for the merge (a launch
-    with one partition has nothing to merge and passes them empty).
+def _exponentiate_tile(weights, tile_len, running_max, thread):
+    """Online softmax, one tile at a time: the new running max (every thread computes
+    the same), the factor that rescales what was summed under the old one, and
+    ``weights[i] = exp(score_i - new max)`` in place. The caller's next barrier makes
+    the weights visible to all threads."""
+    new_max = running_max
+    for i in range(tile_len):
+        new_max = max(new_max, weights[i])
+    correction = math.exp(running_max - new_max)  # 0 before the first tile (running_max = -inf)
+    cuda.syncthreads()  # every thread has read the scores before they turn into weights
+    if thread < tile_len:
+        weights[thread] = math.exp(weights[thread] - new_max)
+    return new_max, correction
 
-    Each thread has its running max and sum (``-inf`` and 0 if it saw no key: it then
-    weighs 0; at least one thread must have seen one) and its weighted values in
-    ``row_acc[thread]``; every partial is rescaled to the block's max. Thread ``thread``
-    writes dims ``thread, thread + T, ...``. Starts and ends with a barrier, so the shared
-    rows are free for the block's next item."""
-    row_max[thread] = running_max
-    row_sum[thread] = running_sum
-    cuda.syncthreads()
-    block_max = float32(-math.inf)
-    for t in range(num_threads):
-        block_max = max(block_max, row_max[t])
-    total = float32(0)
-    for t in range(num_threads):
-        total += row_sum[t] * math.exp(row_max[t] - block_max)
+
+@cuda.jit(device=True)
+def _accumulate_tile(weights, tile, acc, tile_len, correction, running_sum, thread, num_threads, head_dim):
+    """Add the tile's weighted values (``tile`` now holds the values) to ``acc``, whose
+    dims ``thread, thread + T, ...`` this thread owns, after rescaling them by
+    ``correction``; return the new running sum. Ends with a barrier: the tile and the
+    weights are free for the next tile."""
+    tile_sum = float32(0)
+    for i in range(tile_len):
+        tile_sum += weights[i]
     for d in range(thread, head_dim, num_threads):
         weighted_values = float32(0)
-        for t in range(num_threads):
-            weighted_values += row_acc[t, d] * math.exp(row_max[t] - block_max)
-        part_out[token, slot, d] = weighted_values / total
-    if thread == 0 and part_max.shape[0]:
-        part_max[token, slot] = block_max
-        part_sum[token, slot] = total
+        for i in range(tile_len):
+            weighted_values += weights[i] * tile[i, d]
+        acc[d] = acc[d] * correction + weighted_values
     cuda.syncthreads()
+    return running_sum * correction + tile_sum
+
+
+@cuda.jit(device=True)
+def _write_partition(acc, running_max, running_sum, part_max, part_sum, part_out, token, slot, thread, num_threads,
+                     head_dim):
+    """The partition's normalized output ``part_out[token, slot] = acc / sum``, and its max
+    score and sum of ``exp(score - max)`` in ``part_max``/``part_sum[token, slot]`` for
+    the merge (a launch with one partition has nothing to merge and passes them empty)."""
+    for d in range(thread, head_dim, num_threads):
+        part_out[token, slot, d] = acc[d] / running_sum
+    if thread == 0 and part_max.shape[0]:
+        part_max[token, slot] = running_max
+        part_sum[token, slot] = running_sum
+
+
+@cuda.jit(device=True)
+def _start_query(q, token, head, scale, q_row, acc, thread, num_threads, head_dim):
+    """Stage ``q[token, head] * scale`` in ``q_row`` and zero the accumulator; ends with a
+    barrier. Returns the running max and sum of a softmax over no keys yet."""
+    for d in range(thread, head_dim, num_threads):
+        q_row[d] = q[token, head, d] * scale
+        acc[d] = 0
+    cuda.syncthreads()
+    return float32(-math.inf), float32(0)
+
+
+@cuda.jit(device=True)
+def _stage_tile(pool, scales, quantized, block_tables, seq, kv_head, tile_start, tile_len, tile, thread, num_threads,
+                head_dim):
+    """Copy keys (or values) ``tile_start .. tile_start + tile_len - 1`` of sequence ``seq``
+    into ``tile``, dequantized when the cache is int8. Consecutive threads copy
+    consecutive dims of one key, so a warp reads whole cache lines (coalesced)."""
+    block_size = pool.shape[1]
+    for element in range(thread, tile_len * head_dim, num_threads):
+        i, d = element // head_dim, element % head_dim
+        j = tile_start + i
+        block, offset = block_tables[seq, j // block_size], j % block_size
+        x = pool[block, offset, kv_head, d]
+        tile[i, d] = x * scales[block, offset, kv_head] if quantized else x
 
 
 @cuda.jit(device=True)
@@ -170,27 +218,29 @@ def _visible_keys(token, seq_of_token, query_start_loc, context_lens):
 @cuda.jit
 def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, block_tables, seq_of_token,
                              query_start_loc, context_lens, scale, partition_size, part_max, part_sum, part_out):
-    """One block per (query token, query head, partition of its keys); the block's threads
-    split the partition's keys.
+    """One block per (query token, query head, partition of its keys), walking the
+    partition a tile of ``T`` keys (one per thread) at a time.
 
-    Each thread runs an online softmax over its own keys ``j = first + thread, first +
-    thread + T, ...``; then the block merges the ``T`` partial results, each rescaled by
-    ``exp(its max - the block's max)`` so that all of them count against one maximum.
-    Partition ``p`` of ``P`` holds keys ``p * partition_size ..`` and writes its
-    normalized output to ``part_out[token, head * P + p]`` (``[N, Hq * P, D]``), its max
-    score and sum of exponentials to ``part_max``/``part_sum`` ``[N, Hq * P]``. With one
-    partition, ``part_out`` is the attention's output itself and ``part_max``/``part_sum``
-    are empty. A partition past the query's last visible key writes nothing.
+    For each tile the block copies the keys into shared memory (coalesced), thread ``i``
+    scores key ``i``, the running max and sum of the online softmax take in the tile's
+    exponentials, then the same tile buffer takes the values and each thread adds their
+    weighted sum to its own dims of the accumulator. Partition ``p`` of ``P`` holds keys
+    ``p * partition_size ..`` and writes its normalized output to ``part_out[token, head
+    * P + p]`` (``[N, Hq * P, D]``), its max score and sum of exponentials to
+    ``part_max``/``part_sum`` ``[N, Hq * P]``. With one partition, ``part_out`` is the
+    attention's output itself and ``part_max``/``part_sum`` are empty. A partition past
+    the query's last visible key writes nothing.
 
     An int8 cache (``quantized``) multiplies each key and value by its token's scale as
-    it is read; a float cache passes 1-element dummy scales.
+    it is copied; a float cache passes 1-element dummy scales.
     """
-    row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
-    row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
-    row_acc = cuda.shared.array((ATTENTION_THREADS, ACC_ROW_WORDS), float32)  # [T, D+] its sum of exp(..) * v
+    q_row = cuda.shared.array(MAX_HEAD_DIM, float32)  # [D] the query, times the softmax scale
+    acc = cuda.shared.array(MAX_HEAD_DIM, float32)  # [D] sum of exp(score - max) * value; thread t owns t, t+T, ..
+    tile = cuda.shared.array((ATTENTION_THREADS, TILE_ROW_WORDS), float32)  # [T, D+] keys, then values
+    weights = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] the tile's scores, then exp(score - max)
     thread, num_threads = cuda.threadIdx.x, cuda.blockDim.x
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D]
+    num_kv_heads = k_cache.shape[2]  # [num_blocks, block_size, Hkv, D]
     group = num_heads // num_kv_heads  # query heads sharing one kv head (GQA)
     num_parts = part_out.shape[1] // num_heads  # [N, Hq * P, D]
 
@@ -202,28 +252,21 @@ def _cached_attention_kernel(q, k_cache, v_cache, k_scale, v_scale, quantized, b
         end = min(first + partition_size, _visible_keys(token, seq_of_token, query_start_loc, context_lens))
         if first >= end:  # the same for every thread of the block, so no barrier is skipped by some only
             continue
-
-        # --- each thread: online softmax over its share of the partition's keys
-        running_max = float32(-math.inf)
-        running_sum = float32(0)
-        for d in range(head_dim):
-            row_acc[thread, d] = 0
-        for j in range(first + thread, end, num_threads):
-            block = block_tables[seq, j // block_size]
-            offset = j % block_size
-            k_dequant = k_scale[block, offset, kv_head] if quantized else float32(1)
-            v_dequant = v_scale[block, offset, kv_head] if quantized else float32(1)
-            score = float32(0)
-            for d in range(head_dim):
-                score += q[token, head, d] * k_cache[block, offset, kv_head, d]
-            score *= scale * k_dequant
-            running_max, running_sum, correction, weight = _online_softmax_step(running_max, running_sum, score)
-            for d in range(head_dim):
-                value = v_cache[block, offset, kv_head, d] * v_dequant
-                row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
-        # --- the block: merge the threads' partial softmaxes into the partition's output
-        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_max, part_sum, part_out,
-                                 token, head * num_parts + part, thread, num_threads, head_dim)
+        running_max, running_sum = _start_query(q, token, head, scale, q_row, acc, thread, num_threads, head_dim)
+        for tile_start in range(first, end, num_threads):
+            tile_len = min(num_threads, end - tile_start)
+            _stage_tile(k_cache, k_scale, quantized, block_tables, seq, kv_head, tile_start, tile_len, tile,
+                        thread, num_threads, head_dim)
+            cuda.syncthreads()
+            _score_tile(q_row, tile, weights, tile_len, thread, head_dim)
+            running_max, correction = _exponentiate_tile(weights, tile_len, running_max, thread)
+            _stage_tile(v_cache, v_scale, quantized, block_tables, seq, kv_head, tile_start, tile_len, tile,
+                        thread, num_threads, head_dim)
+            cuda.syncthreads()
+            running_sum = _accumulate_tile(weights, tile, acc, tile_len, correction, running_sum, thread,
+                                           num_threads, head_dim)
+        _write_partition(acc, running_max, running_sum, part_max, part_sum, part_out, token,
+                         head * num_parts + part, thread, num_threads, head_dim)
 
 
 @cuda.jit
@@ -231,7 +274,7 @@ def _merge_partitions_kernel(part_max, part_sum, part_out, seq_of_token, query_s
                              partition_size, out):
     """One thread per output element ``out[token, head, d]``: the partitions' outputs,
     each weighted by its sum of exponentials rescaled from its own max to the largest
-    (the merge the block's threads make, one level up). Reads only the partitions that
+    (the rescaling a block applies from tile to tile, one level up). Reads only the partitions that
     hold some of the query's keys."""
     num_tokens, num_heads, head_dim = out.shape  # [N, Hq, D]
     num_parts = part_max.shape[1] // num_heads  # part_max, part_sum: [N, Hq * P]; part_out: [N, Hq * P, D]
@@ -447,8 +490,8 @@ def partition_size_for(num_pairs: int, longest_context: int) -> int:
     The whole context when the pairs alone give every multiprocessor
     ``TARGET_BLOCKS_PER_MULTIPROCESSOR`` blocks (prefill, large decode batches);
     otherwise short enough that partitions make up the difference, but never under
-    ``MIN_PARTITION_KEYS``, and a multiple of the block's threads so that each thread
-    gets the same number of keys.
+    ``MIN_PARTITION_KEYS``, and a multiple of the block's threads so that every tile but
+    a context's last is full.
     """
     wanted_blocks = TARGET_BLOCKS_PER_MULTIPROCESSOR * multiprocessor_count()
     if num_pairs >= wanted_blocks:

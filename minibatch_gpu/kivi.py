@@ -9,9 +9,9 @@ before it:
    over the block's tokens, values per token in groups of channels;
 2. **attend**: each query reads the blocks before its own through the block table,
    dequantizing as it reads, and its own block's tokens in float (from the residual row
-   or from the new keys and values); an online softmax as in ``minibatch_gpu/attention.py``,
-   whose partitions it shares too (a short step's contexts split over more blocks, and
-   a further launch merges them);
+   or from the new keys and values), a tile of keys at a time with the online softmax and
+   the partitions of ``minibatch_gpu/attention.py`` (a short step's contexts split over
+   more blocks, and a further launch merges them);
 3. **keep the residual**: the tokens of a still unfinished last block go to the
    sequence's residual row, after kernel 2 has read the old one.
 
@@ -29,12 +29,15 @@ from numba import cuda, float32
 
 from minibatch.kivi import LEVELS, value_group_size
 from minibatch_gpu.attention import (
-    ACC_ROW_WORDS,
     ATTENTION_THREADS,
     MAX_HEAD_DIM,
+    TILE_ROW_WORDS,
     Partitions,
-    _merge_partial_softmaxes,
-    _online_softmax_step,
+    _accumulate_tile,
+    _exponentiate_tile,
+    _score_tile,
+    _start_query,
+    _write_partition,
     batch_layout,
 )
 from minibatch_gpu.device import (
@@ -158,22 +161,53 @@ def _quantize_blocks_kernel(k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, 
             v_cache[block, offset, head, byte] = packed
 
 
+@cuda.jit(device=True)
+def _stage_kivi_keys(k, k_cache, k_scale, k_zero, k_residual, block_tables, seq, row, start, first, own, kv_head,
+                     tile_start, tile_len, tile, thread, num_threads, head_dim):
+    """Copy keys ``tile_start ..`` of sequence ``seq`` into ``tile``: unpacked and
+    dequantized before position ``own`` (the query's own block), in float from there on."""
+    block_size = k_cache.shape[1]
+    for element in range(thread, tile_len * head_dim, num_threads):
+        i, d = element // head_dim, element % head_dim
+        j = tile_start + i
+        if j < own:
+            block, offset = block_tables[seq, j // block_size], j % block_size
+            tile[i, d] = _dequantized_key(k_cache, k_scale, k_zero, block, offset, kv_head, d)
+        else:
+            tile[i, d] = _float_entry(k, k_residual, row, start, first, j, kv_head, d)
+
+
+@cuda.jit(device=True)
+def _stage_kivi_values(v, v_cache, v_scale, v_zero, v_residual, block_tables, seq, row, start, first, own, kv_head,
+                       tile_start, tile_len, tile, thread, num_threads, head_dim):
+    """The values' twin of :func:`_stage_kivi_keys` (a value's scale is per token and group)."""
+    block_size = v_cache.shape[1]
+    for element in range(thread, tile_len * head_dim, num_threads):
+        i, d = element // head_dim, element % head_dim
+        j = tile_start + i
+        if j < own:
+            block, offset = block_tables[seq, j // block_size], j % block_size
+            tile[i, d] = _dequantized_value(v_cache, v_scale, v_zero, block, offset, kv_head, d)
+        else:
+            tile[i, d] = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
+
+
 @cuda.jit
 def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, k_residual, v_residual,
                            block_tables, residual_rows, seq_of_token, query_start_loc, context_lens, scale,
                            partition_size, part_max, part_sum, part_out):
-    """One block per (query token, query head, partition of its keys); the block's threads
-    split the partition's keys.
+    """One block per (query token, query head, partition of its keys).
 
-    The same online softmax, partitions and merge as ``_cached_attention_kernel`` in
-    ``minibatch_gpu/attention.py`` (its docstring says where partitions write); only
+    The same tiles, online softmax, partitions and merge as ``_cached_attention_kernel``
+    in ``minibatch_gpu/attention.py`` (its docstring says where partitions write); only
     where a key or value comes from differs: a key before the query's own block is
-    unpacked and dequantized (``zero + code * scale``) as it is read, a key of the own
-    block is read in float.
+    unpacked and dequantized (``zero + code * scale``) as the tile is filled, a key of the
+    own block is read in float.
     """
-    row_max = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] each thread's largest score
-    row_sum = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] its sum of exp(score - row_max)
-    row_acc = cuda.shared.array((ATTENTION_THREADS, ACC_ROW_WORDS), float32)  # [T, D+] its sum of exp(..) * v
+    q_row = cuda.shared.array(MAX_HEAD_DIM, float32)  # [D] the query, times the softmax scale
+    acc = cuda.shared.array(MAX_HEAD_DIM, float32)  # [D] sum of exp(score - max) * value; thread t owns t, t+T, ..
+    tile = cuda.shared.array((ATTENTION_THREADS, TILE_ROW_WORDS), float32)  # [T, D+] keys, then values
+    weights = cuda.shared.array(ATTENTION_THREADS, float32)  # [T] the tile's scores, then exp(score - max)
     thread, num_threads = cuda.threadIdx.x, cuda.blockDim.x
     num_tokens, num_heads, head_dim = q.shape  # [N, Hq, D]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]  # [num_blocks, block_size, Hkv, D/4]
@@ -192,32 +226,21 @@ def _kivi_attention_kernel(q, k, v, k_cache, v_cache, k_scale, k_zero, v_scale, 
         end = min(first_key + partition_size, position + 1)
         if first_key >= end:  # the same for every thread of the block, so no barrier is skipped by some only
             continue
-
-        # --- each thread: online softmax over its share of the keys
-        running_max = float32(-math.inf)
-        running_sum = float32(0)
-        for d in range(head_dim):
-            row_acc[thread, d] = 0
-        for j in range(first_key + thread, end, num_threads):
-            block, offset = block_tables[seq, j // block_size], j % block_size
-            score = float32(0)
-            for d in range(head_dim):
-                if j < own:
-                    key = _dequantized_key(k_cache, k_scale, k_zero, block, offset, kv_head, d)
-                else:
-                    key = _float_entry(k, k_residual, row, start, first, j, kv_head, d)
-                score += q[token, head, d] * key
-            score *= scale
-            running_max, running_sum, correction, weight = _online_softmax_step(running_max, running_sum, score)
-            for d in range(head_dim):
-                if j < own:
-                    value = _dequantized_value(v_cache, v_scale, v_zero, block, offset, kv_head, d)
-                else:
-                    value = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
-                row_acc[thread, d] = row_acc[thread, d] * correction + weight * value
-        # --- the block: merge the threads' partial softmaxes into the partition's output
-        _merge_partial_softmaxes(row_max, row_sum, row_acc, running_max, running_sum, part_max, part_sum, part_out,
-                                 token, head * num_parts + part, thread, num_threads, head_dim)
+        running_max, running_sum = _start_query(q, token, head, scale, q_row, acc, thread, num_threads, head_dim)
+        for tile_start in range(first_key, end, num_threads):
+            tile_len = min(num_threads, end - tile_start)
+            _stage_kivi_keys(k, k_cache, k_scale, k_zero, k_residual, block_tables, seq, row, start, first, own,
+                             kv_head, tile_start, tile_len, tile, thread, num_threads, head_dim)
+            cuda.syncthreads()
+            _score_tile(q_row, tile, weights, tile_len, thread, head_dim)
+            running_max, correction = _exponentiate_tile(weights, tile_len, running_max, thread)
+            _stage_kivi_values(v, v_cache, v_scale, v_zero, v_residual, block_tables, seq, row, start, first, own,
+                               kv_head, tile_start, tile_len, tile, thread, num_threads, head_dim)
+            cuda.syncthreads()
+            running_sum = _accumulate_tile(weights, tile, acc, tile_len, correction, running_sum, thread,
+                                           num_threads, head_dim)
+        _write_partition(acc, running_max, running_sum, part_max, part_sum, part_out, token,
+                         head * num_parts + part, thread, num_threads, head_dim)
 
 
 @cuda.jit
