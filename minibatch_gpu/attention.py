@@ -197,12 +197,12 @@ def _stage_tile(pool, scales, quantized, block_tables, seq, kv_head, tile_start,
     into ``tile``, dequantized when the cache is int8. Consecutive threads copy
     consecutive dims of one key, so a warp reads whole cache lines (coalesced)."""
     block_size = pool.shape[1]
-    for element in range(thread, tile_len * head_dim, num_threads):
-        i, d = element // head_dim, element % head_dim
+    for i in range(tile_len):
         j = tile_start + i
         block, offset = block_tables[seq, j // block_size], j % block_size
-        x = pool[block, offset, kv_head, d]
-        tile[i, d] = x * scales[block, offset, kv_head] if quantized else x
+        dequant = scales[block, offset, kv_head] if quantized else float32(1)
+        for d in range(thread, head_dim, num_threads):
+            tile[i, d] = pool[block, offset, kv_head, d] * dequant
 
 
 @cuda.jit(device=True)

@@ -167,14 +167,14 @@ def _stage_kivi_keys(k, k_cache, k_scale, k_zero, k_residual, block_tables, seq,
     """Copy keys ``tile_start ..`` of sequence ``seq`` into ``tile``: unpacked and
     dequantized before position ``own`` (the query's own block), in float from there on."""
     block_size = k_cache.shape[1]
-    for element in range(thread, tile_len * head_dim, num_threads):
-        i, d = element // head_dim, element % head_dim
+    for i in range(tile_len):
         j = tile_start + i
-        if j < own:
-            block, offset = block_tables[seq, j // block_size], j % block_size
-            tile[i, d] = _dequantized_key(k_cache, k_scale, k_zero, block, offset, kv_head, d)
-        else:
-            tile[i, d] = _float_entry(k, k_residual, row, start, first, j, kv_head, d)
+        block, offset = block_tables[seq, j // block_size], j % block_size
+        for d in range(thread, head_dim, num_threads):
+            if j < own:
+                tile[i, d] = _dequantized_key(k_cache, k_scale, k_zero, block, offset, kv_head, d)
+            else:
+                tile[i, d] = _float_entry(k, k_residual, row, start, first, j, kv_head, d)
 
 
 @cuda.jit(device=True)
@@ -182,14 +182,14 @@ def _stage_kivi_values(v, v_cache, v_scale, v_zero, v_residual, block_tables, se
                        tile_start, tile_len, tile, thread, num_threads, head_dim):
     """The values' twin of :func:`_stage_kivi_keys` (a value's scale is per token and group)."""
     block_size = v_cache.shape[1]
-    for element in range(thread, tile_len * head_dim, num_threads):
-        i, d = element // head_dim, element % head_dim
+    for i in range(tile_len):
         j = tile_start + i
-        if j < own:
-            block, offset = block_tables[seq, j // block_size], j % block_size
-            tile[i, d] = _dequantized_value(v_cache, v_scale, v_zero, block, offset, kv_head, d)
-        else:
-            tile[i, d] = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
+        block, offset = block_tables[seq, j // block_size], j % block_size
+        for d in range(thread, head_dim, num_threads):
+            if j < own:
+                tile[i, d] = _dequantized_value(v_cache, v_scale, v_zero, block, offset, kv_head, d)
+            else:
+                tile[i, d] = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
 
 
 @cuda.jit
