@@ -57,7 +57,7 @@ class EngineConfig:
         _setting(self.num_blocks is None or (is_int(self.num_blocks) and self.num_blocks >= 1), "num_blocks",
                  self.num_blocks, "None (derive it from kv_cache_memory) or an integer >= 1")
         _setting(is_int(self.kv_cache_memory) and self.kv_cache_memory >= 1, "kv_cache_memory",
-                 self.kv_cache_memory, "a number of bytes >= 1")
+                 self.kv_cache_memory, "an integer number of bytes >= 1, e.g. 2 * 2**30 for 2 GiB")
         _setting(is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs,
                  "an integer >= 1")
         _setting(is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
