@@ -159,10 +159,14 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     num_queries = np.diff(query_start_loc)  # [S]
     row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize  # one token's keys
     # N queries over S sequences with at least one each, N == S: one query each, a decode step
-    if len(q) == len(num_queries) and num_queries.min() == 1 and len(decode_groups(context_lens, row_bytes)) == 1:
-        return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
-    decoding = np.flatnonzero(num_queries == 1)
-    groups = decode_groups(context_lens[decoding], row_bytes)
+    if len(q) == len(num_queries) and len(q) and num_queries.min() == 1:
+        groups = decode_groups(context_lens, row_bytes, DECODE_GROUP_BYTES)  # (read at call time)
+        if len(groups) == 1:  # no regrouping: the index arrays below are not needed
+            return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+        decoding = np.arange(len(num_queries))
+    else:
+        decoding = np.flatnonzero(num_queries == 1)
+        groups = decode_groups(context_lens[decoding], row_bytes, DECODE_GROUP_BYTES)
     out = np.empty(q.shape, dtype=np.float32)  # [N, Hq, D]
     for group in groups:
         seqs = decoding[group]
