@@ -62,9 +62,10 @@ def write_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
     each token is quantized on its way in (:func:`quantize_kv_int8`).
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    keep = slot_mapping >= 0  # [N]
-    slots = slot_mapping[keep]
-    k, v = k[keep], v[keep]
+    slots = slot_mapping  # [N]
+    if len(slots) and slots.min() < 0:  # some tokens are not to be stored: drop them
+        keep = slots >= 0  # [N]
+        slots, k, v = slots[keep], k[keep], v[keep]
     if k_scale is not None:
         (k, k_scales), (v, v_scales) = quantize_kv_int8(k), quantize_kv_int8(v)
         k_scale.reshape(num_blocks * block_size, num_kv_heads)[slots] = k_scales
@@ -160,10 +161,10 @@ def cached_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize  # one token's keys
     # N queries over S sequences with at least one each, N == S: one query each, a decode step
     if len(q) == len(num_queries) and len(q) and num_queries.min() == 1:
-        groups = decode_groups(context_lens, row_bytes, DECODE_GROUP_BYTES)  # (read at call time)
-        if len(groups) == 1:  # no regrouping: the index arrays below are not needed
+        if len(q) == 1 or len(q) * int(context_lens.max()) * row_bytes <= DECODE_GROUP_BYTES:  # one group
             return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
         decoding = np.arange(len(num_queries))
+        groups = decode_groups(context_lens, row_bytes, DECODE_GROUP_BYTES)
     else:
         decoding = np.flatnonzero(num_queries == 1)
         groups = decode_groups(context_lens[decoding], row_bytes, DECODE_GROUP_BYTES)

@@ -29,6 +29,7 @@ class Backend:
     rms_norm: Callable
     linear: Callable
     swiglu: Callable
+    rope_cos_sin: Callable
     apply_rope: Callable
     write_kv: Callable
     cached_attention: Callable
@@ -55,9 +56,10 @@ def numpy_backend() -> Backend:
     from minibatch import attention, kivi, layers
 
     return Backend(name="numpy", xp=np, embedding=layers.embedding, rms_norm=layers.rms_norm,
-                   linear=layers.linear, swiglu=layers.swiglu, apply_rope=layers.apply_rope,
-                   write_kv=attention.write_kv, cached_attention=attention.cached_attention,
-                   copy_blocks=attention.copy_blocks, kivi_attention=kivi.kivi_attention)
+                   linear=layers.linear, swiglu=layers.swiglu, rope_cos_sin=layers.rope_cos_sin,
+                   apply_rope=layers.apply_rope, write_kv=attention.write_kv,
+                   cached_attention=attention.cached_attention, copy_blocks=attention.copy_blocks,
+                   kivi_attention=kivi.kivi_attention)
 
 
 def get_backend(name: str) -> Backend:

@@ -85,15 +85,24 @@ def _llama3_scaled(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
                     np.where(wavelength < high_freq_wavelength, inv_freq, blended))  # fast: kept
 
 
-def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-    """Rotary position embedding (Su et al., 2021), Hugging Face's half-split layout.
+def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cosines and sines of RoPE's angles, ``positions * inv_freq``:
+    ``[N], [D/2] -> [N, D/2], [N, D/2]`` float32.
 
-    Dimension ``i`` is paired with ``i + D/2`` and the pair is rotated by
-    ``positions * inv_freq[i]``. ``[N, heads, D], [N], [D/2] -> [N, heads, D]``.
+    They depend on the positions only, so a forward pass computes them once and every
+    layer's :func:`apply_rope` reuses them (as Hugging Face's rotary embedding module does).
     """
     angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]  # [N, D/2]
-    cos = np.cos(angles)[:, None, :]  # [N, 1, D/2]
-    sin = np.sin(angles)[:, None, :]  # [N, 1, D/2]
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary position embedding (Su et al., 2021), Hugging Face's half-split layout.
+
+    Dimension ``i`` is paired with ``i + D/2`` and the pair is rotated by the angle whose
+    cosine and sine :func:`rope_cos_sin` gives. ``[N, heads, D], [N, D/2], [N, D/2] -> [N, heads, D]``.
+    """
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, D/2]: the same angle for every head
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # [N, heads, D/2] each
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [N, heads, D]

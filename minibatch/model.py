@@ -246,12 +246,15 @@ def gate_up_projections(ops: Backend, w: FusedLayerWeights | LayerWeights, h: An
 
 
 def decoder_layer(ops: Backend, config: ModelConfig, w: FusedLayerWeights | LayerWeights, x: Any,
-                  batch: ForwardBatch, device_batch: dict[str, Any], inv_freq: Any, kv: dict[str, Any]) -> Any:
-    """One pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+                  batch: ForwardBatch, device_batch: dict[str, Any], rope: tuple[Any, Any], kv: dict[str, Any]) -> Any:
+    """One pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``.
+
+    ``rope`` is ``(cos, sin)`` of the batch's positions (:func:`~minibatch.layers.rope_cos_sin`),
+    computed once per forward pass for every layer."""
     n, d = x.shape[0], config.head_dim
     h = ops.rms_norm(x, w.input_norm, config.rms_norm_eps)  # [N, H]
     qk, v = qkv_projections(ops, config, w, h)  # [N, Hq+Hkv, D], [N, Hkv, D]
-    qk = ops.apply_rope(qk, device_batch["positions"], inv_freq)  # [N, Hq+Hkv, D]
+    qk = ops.apply_rope(qk, *rope)  # [N, Hq+Hkv, D]
     q, k = qk[:, :config.num_heads], qk[:, config.num_heads:]  # [N, Hq, D], [N, Hkv, D]
     if "k_residual" in kv:  # a KIVI cache stores and attends in one call (minibatch/kivi.py)
         attn = ops.kivi_attention(q, k, v, **kv, block_tables=device_batch["block_tables"],
@@ -277,8 +280,9 @@ def forward(ops: Backend, config: ModelConfig, weights: ModelWeights, batch: For
     device_batch = {name: ops.asarray(getattr(batch, name))
                     for name in ("token_ids", "positions", "block_tables", "slot_mapping", "residual_rows")}
     x = ops.embedding(weights.embed_tokens, device_batch["token_ids"])  # [N, H]
+    rope = ops.rope_cos_sin(device_batch["positions"], inv_freq)  # [N, D/2] twice, for every layer
     for i, layer in enumerate(weights.layers):
-        x = decoder_layer(ops, config, layer, x, batch, device_batch, inv_freq, kv.layer(i))
+        x = decoder_layer(ops, config, layer, x, batch, device_batch, rope, kv.layer(i))
     x = x[ops.asarray(batch.logits_indices)]  # [L, H] only where we sample
     x = ops.rms_norm(x, weights.final_norm, config.rms_norm_eps)  # [L, H]
     return ops.linear(x, weights.lm_head)  # [L, V]

@@ -15,6 +15,7 @@ def gpu_backend() -> Backend:
     from minibatch_gpu.device import array_module
 
     return Backend(name="gpu", xp=array_module(), embedding=layers.embedding, rms_norm=layers.rms_norm,
-                   linear=layers.linear, swiglu=layers.swiglu, apply_rope=layers.apply_rope,
-                   write_kv=attention.write_kv, cached_attention=attention.cached_attention,
-                   copy_blocks=attention.copy_blocks, kivi_attention=kivi.kivi_attention)
+                   linear=layers.linear, swiglu=layers.swiglu, rope_cos_sin=layers.rope_cos_sin,
+                   apply_rope=layers.apply_rope, write_kv=attention.write_kv,
+                   cached_attention=attention.cached_attention, copy_blocks=attention.copy_blocks,
+                   kivi_attention=kivi.kivi_attention)

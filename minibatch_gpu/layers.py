@@ -75,22 +75,18 @@ def _swiglu_kernel(gate, up, out):
 
 
 @cuda.jit
-def _rope_kernel(x, positions, inv_freq, out):
-    """One thread per (token, head, pair): rotate ``(x[i], x[i + D/2])`` by
-    ``positions[token] * inv_freq[i]`` radians."""
+def _rope_kernel(x, cos, sin, out):
+    """One thread per (token, head, pair): rotate ``(x[i], x[i + D/2])`` by the angle
+    whose cosine and sine are ``cos[token, i]``, ``sin[token, i]``."""
     num_tokens, num_heads, head_dim = x.shape  # [N, heads, D]
     half = head_dim // 2
     for item in range(cuda.grid(1), num_tokens * num_heads * half, cuda.gridsize(1)):
         token = item // (num_heads * half)
         head = (item // half) % num_heads
         pair = item % half
-        # the angle is rounded to float32 as NumPy does; at position 4096 a float64 angle
-        # would differ by ~1e-4 rad, far more than the twin test's tolerance
-        angle = float32(float32(positions[token]) * inv_freq[pair])
-        cos, sin = float32(math.cos(angle)), float32(math.sin(angle))
         first, second = x[token, head, pair], x[token, head, pair + half]
-        out[token, head, pair] = first * cos - second * sin
-        out[token, head, pair + half] = second * cos + first * sin
+        out[token, head, pair] = first * cos[token, pair] - second * sin[token, pair]
+        out[token, head, pair + half] = second * cos[token, pair] + first * sin[token, pair]
 
 
 # ------------------------------------------------------------------------ functions
@@ -172,27 +168,40 @@ def swiglu(gate: Any, up: Any) -> Any:
     return out.reshape(gate.shape)  # [N, I]
 
 
-def apply_rope(x: Any, positions: Any, inv_freq: Any) -> Any:
+def rope_cos_sin(positions: Any, inv_freq: Any) -> tuple[Any, Any]:
+    """The cosines and sines of RoPE's angles, ``positions * inv_freq``:
+    ``[N], [D/2] -> [N, D/2], [N, D/2]`` float32. Twin of ``minibatch.layers.rope_cos_sin``.
+
+    The angle is rounded to float32 before its cosine, as NumPy does: at position 4096 a
+    float64 angle would differ by about 1e-4 rad, far more than the twin test's tolerance.
+    Two elementwise array-module calls over ``N * D/2`` angles, once per forward pass.
+    """
+    check_array("positions", positions, ndim=1, kind="integer")
+    check_array("inv_freq", inv_freq, ndim=1)
+    angles = positions.astype(xp.float32)[:, None] * as_float32(inv_freq)[None, :]  # [N, D/2]
+    return xp.cos(angles), xp.sin(angles)
+
+
+def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
     """Rotary position embedding, Hugging Face's half-split layout. Twin of
     ``minibatch.layers.apply_rope``.
 
-    Dimension ``i`` is paired with ``i + D/2`` and the pair is rotated by
-    ``positions * inv_freq[i]``. ``[N, heads, D], [N], [D/2] -> [N, heads, D]``.
+    Dimension ``i`` is paired with ``i + D/2`` and the pair is rotated by the angle whose
+    cosine and sine :func:`rope_cos_sin` gives. ``[N, heads, D], [N, D/2], [N, D/2] -> [N, heads, D]``.
     """
     check_array("x", x, ndim=3)
-    check_array("positions", positions, ndim=1, kind="integer")
-    check_array("inv_freq", inv_freq, ndim=1)
+    check_array("cos", cos, ndim=2)
+    check_array("sin", sin, ndim=2)
     num_tokens, num_heads, head_dim = x.shape
-    if head_dim % 2 or inv_freq.shape[0] != head_dim // 2:
-        raise ValueError(f"apply_rope: head dim {head_dim} must be even with inv_freq of length "
-                         f"{head_dim // 2}, got inv_freq {tuple(inv_freq.shape)}")
-    if positions.shape[0] != num_tokens:
-        raise ValueError(f"apply_rope: {positions.shape[0]} positions for {num_tokens} tokens")
+    if head_dim % 2 or tuple(cos.shape) != (num_tokens, head_dim // 2) or tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"apply_rope: x {tuple(x.shape)} needs an even head dim and cos, sin of shape "
+                         f"[N, D/2] = [{num_tokens}, {head_dim // 2}], got cos {tuple(cos.shape)}, "
+                         f"sin {tuple(sin.shape)}")
     x = as_float32(x)  # [N, heads, D]
     out = xp.empty_like(x)  # [N, heads, D]
     num_items = num_tokens * num_heads * (head_dim // 2)
     if num_items:
         threads = threads_per_block(ELEMENTWISE_THREADS)
         _rope_kernel[blocks_for(-(-num_items // threads)), threads, launch_stream()](
-            x, as_index(positions), as_float32(inv_freq), out)
+            x, as_float32(cos), as_float32(sin), out)
     return out

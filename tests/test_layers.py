@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minibatch.attention import cached_attention, causal_attention, write_kv
-from minibatch.layers import apply_rope, rms_norm
+from minibatch.layers import apply_rope, rms_norm, rope_cos_sin
 
 
 @given(st.integers(1, 8), st.integers(1, 64), st.integers(0, 2**31))
@@ -24,12 +24,13 @@ def test_rope_scores_depend_only_on_relative_position(p, shift, seed):
     inv_freq = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
 
     def score(qp, kp):
-        rq = apply_rope(q.astype(np.float32), np.array([qp]), inv_freq)
-        rk = apply_rope(k.astype(np.float32), np.array([kp]), inv_freq)
+        rq = apply_rope(q.astype(np.float32), *rope_cos_sin(np.array([qp]), inv_freq))
+        rk = apply_rope(k.astype(np.float32), *rope_cos_sin(np.array([kp]), inv_freq))
         return float(np.sum(rq * rk))
 
     assert abs(score(p + 7, p) - score(shift + 7, shift)) < 1e-3
-    assert abs(np.linalg.norm(apply_rope(q.astype(np.float32), np.array([p]), inv_freq)) - np.linalg.norm(q)) < 1e-4
+    rotated = apply_rope(q.astype(np.float32), *rope_cos_sin(np.array([p]), inv_freq))
+    assert abs(np.linalg.norm(rotated) - np.linalg.norm(q)) < 1e-4
 
 
 def naive_attention(q, k, v, scale):

@@ -68,14 +68,23 @@ def inverse_frequencies(draw, head_dim: int) -> np.ndarray:
     return numpy_layers.rope_inverse_frequencies(ModelConfig.from_hf(raw))
 
 
+@given(st.integers(0, 12), st.sampled_from([2, 4, 8, 16]), st.data(), seeds)
+def test_rope_cos_sin_matches_numpy(num_tokens, head_dim, data, seed):
+    positions = np.random.default_rng(seed).integers(0, 4097, num_tokens)  # [N] int64, as a ForwardBatch holds them
+    inv_freq = data.draw(inverse_frequencies(head_dim))
+    expected = numpy_layers.rope_cos_sin(positions, inv_freq)
+    got = gpu_layers.rope_cos_sin(to_device(positions), to_device(inv_freq))
+    for gpu_result, numpy_result in zip(got, expected, strict=True):
+        assert_close(gpu_result, numpy_result)
+
+
 @given(st.integers(1, 12), st.integers(1, 4), st.sampled_from([2, 4, 8, 16]), st.data(), seeds)
 def test_apply_rope_matches_numpy(num_tokens, num_heads, head_dim, data, seed):
     rng = np.random.default_rng(seed)
     x = normal(rng, (num_tokens, num_heads, head_dim))
-    positions = rng.integers(0, 4097, num_tokens)  # [N] int64, as a ForwardBatch holds them
-    inv_freq = data.draw(inverse_frequencies(head_dim))
-    expected = numpy_layers.apply_rope(x, positions, inv_freq)
-    assert_close(gpu_layers.apply_rope(to_device(x), to_device(positions), to_device(inv_freq)), expected)
+    cos, sin = numpy_layers.rope_cos_sin(rng.integers(0, 4097, num_tokens), data.draw(inverse_frequencies(head_dim)))
+    expected = numpy_layers.apply_rope(x, cos, sin)
+    assert_close(gpu_layers.apply_rope(to_device(x), to_device(cos), to_device(sin)), expected)
 
 
 @given(st.integers(1, 12), st.integers(1, 40), st.floats(0.1, 30), seeds)
@@ -262,7 +271,10 @@ def test_copy_blocks_matches_numpy(num_blocks, block_size, num_kv_heads, head_di
 def test_bad_shapes_raise_value_errors():
     x = to_device(np.zeros((2, 3, 5), np.float32))
     with pytest.raises(ValueError, match="even"):
-        gpu_layers.apply_rope(x, to_device(np.zeros(2, np.int64)), to_device(np.zeros(2, np.float32)))
+        gpu_layers.apply_rope(x, *[to_device(np.zeros((2, 2), np.float32))] * 2)
+    with pytest.raises(ValueError, match="cos, sin of shape"):
+        three_tokens = to_device(np.zeros((3, 2), np.float32))  # for two tokens
+        gpu_layers.apply_rope(to_device(np.zeros((2, 3, 4), np.float32)), three_tokens, three_tokens)
     with pytest.raises(ValueError, match="last dimension"):
         gpu_layers.linear(to_device(np.zeros((2, 3), np.float32)), to_device(np.zeros((4, 5), np.float32)))
     with pytest.raises(ValueError, match="integer"):
