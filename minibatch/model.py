@@ -46,24 +46,30 @@ class LayerWeights:
     v_bias: Any = None  # [Hkv*D]
 
 
-def column_major(weight: Any) -> Any:
-    """A float ``[out, in]`` weight stored column by column (Fortran order); a quantized
-    weight as it is.
+def decode_order(weight: Any) -> Any:
+    """A float ``[out, in]`` weight in the memory order its decode GEMV streams fastest;
+    a quantized weight as it is. Shape and values do not change, so
+    :func:`~minibatch.layers.linear` gives the same result.
 
-    Shape and values do not change, so :func:`~minibatch.layers.linear` does not either;
-    but ``weight.T`` becomes C-contiguous, and the decode GEMV ``x @ weight.T`` then adds
-    ``x[j]`` times the contiguous column ``weight[:, j]`` for each input ``j`` (BLAS's
-    ``gemv_n``) instead of taking one dot product of length ``in`` per output. With ``in``
-    as short as 576 (SmolLM2-135M), those short dot products stream memory far slower.
+    A GEMV reads every weight once, and a CPU streams long contiguous runs of memory faster
+    than short ones. Stored column by column (Fortran order), ``x @ weight.T`` adds ``x[j]``
+    times the contiguous column ``weight[:, j]``, ``out`` long, for each input (BLAS's
+    ``gemv_n``); stored row by row, it takes one dot product of a contiguous row, ``in``
+    long, per output. So a matrix with at least as many outputs as inputs (q/k/v, gate/up,
+    o_proj, the LM head) goes column-major, and one with more inputs (``down_proj``: 1536
+    in, 576 out in SmolLM2-135M) row-major.
     """
-    return weight if isinstance(weight, QuantizedWeight) else np.asfortranarray(weight)
+    if isinstance(weight, QuantizedWeight):
+        return weight
+    out_features, in_features = weight.shape
+    return np.asfortranarray(weight) if out_features >= in_features else np.ascontiguousarray(weight)
 
 
 @dataclass(slots=True)
 class FusedLayerWeights:
     """One decoder block as a backend runs it: q, k and v stacked into one ``qkv_proj``,
     gate and up into one ``gate_up_proj`` (vLLM's QKVParallelLinear and
-    MergedColumnParallelLinear), float matrices stored :func:`column_major`.
+    MergedColumnParallelLinear), float matrices stored in :func:`decode_order`.
 
     Why fused: a decode step is one GEMV per projection, and a small GEMV (k_proj is
     192x576 in SmolLM2-135M) streams its weights well below memory bandwidth, on top of a
@@ -83,13 +89,13 @@ class FusedLayerWeights:
     @classmethod
     def fuse(cls, layer: LayerWeights) -> FusedLayerWeights:
         """Stack a checkpoint layer's projections (host arrays, float or quantized) and store
-        the float ones column-major."""
+        the float ones in :func:`decode_order`."""
         has_bias = layer.q_bias is not None
         return cls(input_norm=layer.input_norm,
-                   qkv_proj=column_major(concatenate_rows([layer.q_proj, layer.k_proj, layer.v_proj])),
-                   o_proj=column_major(layer.o_proj), post_attention_norm=layer.post_attention_norm,
-                   gate_up_proj=column_major(concatenate_rows([layer.gate_proj, layer.up_proj])),
-                   down_proj=column_major(layer.down_proj),
+                   qkv_proj=decode_order(concatenate_rows([layer.q_proj, layer.k_proj, layer.v_proj])),
+                   o_proj=decode_order(layer.o_proj), post_attention_norm=layer.post_attention_norm,
+                   gate_up_proj=decode_order(concatenate_rows([layer.gate_proj, layer.up_proj])),
+                   down_proj=decode_order(layer.down_proj),
                    qkv_bias=np.concatenate([layer.q_bias, layer.k_bias, layer.v_bias]) if has_bias else None)
 
 
@@ -108,11 +114,11 @@ class ModelWeights:
 
     def runtime_layout(self) -> ModelWeights:
         """These weights as a :class:`ModelRunner` holds them: every layer's q/k/v and gate/up
-        stacked (:class:`FusedLayerWeights`), and every float matrix :func:`column_major`, the
-        LM head too. A tied embedding goes column-major with it: a lookup then reads each
+        stacked (:class:`FusedLayerWeights`), and every float matrix in :func:`decode_order`,
+        the LM head too (column-major). A tied embedding goes column-major with it: a lookup then reads each
         token's row with a stride, a small cost next to the GEMV over the whole vocabulary
         that gets faster."""
-        lm_head = column_major(self.lm_head)
+        lm_head = decode_order(self.lm_head)
         embed_tokens = lm_head if self.lm_head is self.embed_tokens else self.embed_tokens
         return replace(self, embed_tokens=embed_tokens, lm_head=lm_head,
                        layers=[FusedLayerWeights.fuse(layer) for layer in self.layers])
@@ -303,7 +309,7 @@ class ModelRunner:
     ``run(batch)`` returns host float32 logits, so everything above the runner
     (sampling, the engine) is plain NumPy whatever the backend. ``weights`` are a
     checkpoint's; the runner keeps them in their :meth:`~ModelWeights.runtime_layout`
-    (fused projections, column-major matrices), or as they are with ``checkpoint_layout=True``.
+    (fused projections, matrices in :func:`decode_order`), or as they are with ``checkpoint_layout=True``.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend | None = None,

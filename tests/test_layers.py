@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minibatch.attention import cached_attention, causal_attention, write_kv
-from minibatch.layers import apply_rope, rms_norm, rope_cos_sin
+from minibatch.layers import apply_rope, linear, rms_norm, rope_cos_sin
 
 
 @given(st.integers(1, 8), st.integers(1, 64), st.integers(0, 2**31))
@@ -103,6 +103,21 @@ def test_cached_attention_through_block_tables_equals_direct_attention(case):
     context_lens = np.array([new + old for new, old in lengths])
     out = cached_attention(q_all, k_cache, v_cache, block_tables, query_start_loc, context_lens, 0.5)
     np.testing.assert_allclose(out, np.concatenate(expected), rtol=1e-6, atol=1e-9)
+
+
+@given(st.integers(1, 40), st.integers(1, 48), st.integers(1, 48), st.booleans(), st.integers(0, 2**31))
+def test_linear_is_the_same_product_for_either_memory_order(n, in_features, out_features, with_bias, seed):
+    """A runner stores some weights row-major and some column-major (decode_order), and
+    linear hands the two to BLAS in different ways: both are ``x @ W.T + b``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, in_features)).astype(np.float32)
+    weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32) if with_bias else None
+    expected = x.astype(np.float64) @ weight.T.astype(np.float64) + (0 if bias is None else bias)
+    for stored in (np.ascontiguousarray(weight), np.asfortranarray(weight)):
+        y = linear(x, stored, bias)
+        assert y.shape == (n, out_features) and y.dtype == np.float32
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.sqrt(in_features))
 
 
 def test_write_kv_skips_negative_slots():

@@ -65,10 +65,11 @@ def test_forward_batch_layout():
 
 @pytest.mark.parametrize(("fixture", "scheme"), [("llama_gqa", None), ("qwen2_bias", None), ("llama_gqa", "int4-g32"),
                                                  ("llama_gqa", "q8_0")])
-def test_fused_column_major_projections_give_the_same_logits(fixture, scheme):
-    """A runner stacks q/k/v (and their biases) and gate/up into one matrix each, stored
-    column-major; the logits are those of the checkpoint's separate projections, and the
-    checkpoint's own weights keep Hugging Face's layout (what save_model writes)."""
+def test_fused_projections_in_decode_order_give_the_same_logits(fixture, scheme):
+    """A runner stacks q/k/v (and their biases) and gate/up into one matrix each, and
+    stores each float matrix in decode_order; the logits are those of the checkpoint's
+    separate projections, and the checkpoint's own weights keep Hugging Face's layout
+    (what save_model writes)."""
     config = ModelConfig.from_dir(FIXTURES / fixture)
     weights = load_weights(FIXTURES / fixture, config)
     weights = weights if scheme is None else quantize_model(weights, scheme)
@@ -78,8 +79,10 @@ def test_fused_column_major_projections_give_the_same_logits(fixture, scheme):
     assert layer.qkv_proj.shape == ((config.num_heads + 2 * config.num_kv_heads) * d, config.hidden_size)
     assert layer.gate_up_proj.shape == (2 * config.intermediate_size, config.hidden_size)
     assert (layer.qkv_bias is not None) == config.attention_bias
-    if scheme is None:  # float matrices are stored column-major: x @ W.T is then a gemv_n
-        assert all(w.flags.f_contiguous for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+    if scheme is None:  # float matrices: column-major with at least as many outputs as inputs, else row-major
+        assert all(w.flags.f_contiguous for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj))
+        assert config.intermediate_size > config.hidden_size  # so down_proj [H, I] is the row-major one
+        assert layer.down_proj.flags.c_contiguous and not layer.down_proj.flags.f_contiguous
     assert fused.weights.lm_head.flags.f_contiguous and weights.lm_head.flags.c_contiguous
     assert (fused.weights.embed_tokens is fused.weights.lm_head) == config.tie_word_embeddings
     assert fused.weights.num_bytes == unfused.weights.num_bytes == weights.num_bytes
