@@ -13,7 +13,7 @@ and, when ``transformers`` and ``torch`` are installed, Hugging Face's decode of
 checkpoint on the same kind of processor (the CPU beside the NumPy backend, the GPU beside
 the GPU backend). Each model is also timed with its weights in the checkpoint's layout
 (``ModelRunner(checkpoint_layout=True)``: 7 GEMVs per layer on separate row-major
-matrices, where the runner's own layout has 4 on stacked column-major ones), alternating
+matrices, where the runner's own layout has 4 on stacked ones, each in ``decode_order``), alternating
 with the default runs so that both see the same machine. A GEMV runs right after every
 decode step, and each step's speed is compared with the bandwidth of the GEMV beside it,
 so that a change in the machine's load moves both sides of the ratio together (the GEMV
@@ -270,7 +270,7 @@ def print_table(results: list[dict]) -> None:
               f"{hf:>8}")
     print("\n(tokens/s, batch 1, medians of the rounds. GB/s = the measured GEMV bandwidth; roofline = bandwidth / "
           "weight bytes per step;\n rounds = each round's median, over its steps, of a step's speed over the "
-          "roofline of a GEMV run right after it;\n minibatch: q/k/v and gate/up stacked, matrices column-major; "
+          "roofline of a GEMV run right after it;\n minibatch: q/k/v and gate/up stacked, matrices in decode_order; "
           "ckpt layout: the checkpoint's separate row-major matrices)")
 
 

@@ -115,9 +115,9 @@ class ModelWeights:
     def runtime_layout(self) -> ModelWeights:
         """These weights as a :class:`ModelRunner` holds them: every layer's q/k/v and gate/up
         stacked (:class:`FusedLayerWeights`), and every float matrix in :func:`decode_order`,
-        the LM head too (column-major). A tied embedding goes column-major with it: a lookup then reads each
-        token's row with a stride, a small cost next to the GEMV over the whole vocabulary
-        that gets faster."""
+        the LM head too (column-major). A tied embedding goes column-major with it: a lookup
+        then reads each token's row with a stride, a small cost next to the GEMV over the
+        whole vocabulary that gets faster."""
         lm_head = decode_order(self.lm_head)
         embed_tokens = lm_head if self.lm_head is self.embed_tokens else self.embed_tokens
         return replace(self, embed_tokens=embed_tokens, lm_head=lm_head,
