@@ -1,7 +1,7 @@
 """Why continuous batching and paged KV matter, measured side by side in one run.
 
 Three ways to serve the same synthetic workload (``benchmarks/workload.py``: varied
-prompt lengths, long-tailed output lengths, greedy, ``ignore_eos``), side by side:
+prompt lengths, long-tailed output lengths, greedy, ``ignore_eos``, token ids only), side by side:
 
 * **static batching**, the way Hugging Face ``generate`` serves: take the next
   ``max_num_seqs`` requests, left-pad their prompts to the longest and prefill them,

@@ -83,8 +83,9 @@ class ServingSetup:
 
 
 def greedy(max_tokens: int) -> SamplingParams:
-    """Exactly ``max_tokens`` greedy tokens, whatever the model says."""
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    """Exactly ``max_tokens`` greedy tokens, whatever the model says, as token ids: no text
+    is decoded (``detokenize=False``), as static batching returns ids, like ``generate``."""
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
 
 
 def setup_for(requests: list[Request], max_num_seqs: int, max_num_batched_tokens: int,

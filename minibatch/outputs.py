@@ -70,18 +70,19 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class TextTracker:
-    """Accumulates a completion's text token by token and decides when it stops."""
+    """Accumulates a completion's text token by token and decides when it stops (with
+    ``detokenize=False`` it decodes nothing and the text stays empty)."""
 
     tokenizer: Tokenizer
     params: SamplingParams
     prompt_token_ids: list[int]
     text: str = ""  # emitted so far: never contains a stop string
     held: str = ""  # decoded but not yet emitted: might be the start of a stop string
-    decoder: IncrementalDecoder = field(init=False)
+    decoder: IncrementalDecoder | None = field(init=False)  # None with ``detokenize=False``
 
     def __post_init__(self) -> None:
-        self.decoder = IncrementalDecoder(self.tokenizer, self.prompt_token_ids,
-                                          self.params.skip_special_tokens)
+        self.decoder = IncrementalDecoder(self.tokenizer, self.prompt_token_ids, self.params.skip_special_tokens) \
+            if self.params.detokenize else None
 
     def stops_on_token(self, token_id: int) -> bool:
         """Whether ``token_id`` ends the completion (EOS unless ignored, or a stop id)."""
@@ -95,6 +96,8 @@ class TextTracker:
         The last ``len(longest stop) - 1`` characters are always held back, so a stop
         string that completes now lies wholly in ``held`` and none of it was emitted.
         """
+        if self.decoder is None:  # token ids only: no text, so no stop string either
+            return "", False
         self.held += self.decoder.push(token_id)
         found = [at for at in (self.held.find(stop) for stop in self.params.stop) if at >= 0]
         if found:  # emit up to the earliest stop string; drop it and what follows
@@ -106,7 +109,7 @@ class TextTracker:
 
     def finish(self) -> str:
         """Emit everything held back (the completion ended for another reason)."""
-        self.held += self.decoder.flush()
+        self.held += self.decoder.flush() if self.decoder is not None else ""
         return self._emit_until(len(self.held))
 
     def _emit_until(self, end: int) -> str:

@@ -36,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return the top-n log-probabilities per generated token
     skip_special_tokens: bool = True  # False: BOS/EOS and other special tokens appear in the text
+    detokenize: bool = True  # False: token ids only, the text stays empty (no stop strings then)
 
     def __post_init__(self) -> None:
         self.stop = _as_list([self.stop] if isinstance(self.stop, str) else self.stop, "stop",
@@ -62,6 +63,9 @@ class SamplingParams:
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "True or False")
         _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", self.skip_special_tokens,
                "True or False")
+        _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "True or False")
+        _check(self.detokenize or not self.stop, "stop", self.stop,
+               "none with detokenize=False (a stop string is found in the text): pass stop_token_ids instead")
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,16 @@ def test_stop_string_is_cut_out_of_the_text(llm):
     assert out.text == assume_text and out.finish_reason == "stop" and stop not in out.text
 
 
+def test_detokenize_false_gives_the_same_tokens_and_no_text(llm):
+    first = llm.generate("abc", GREEDY)[0].token_ids
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False),
+              SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first[2]], detokenize=False)]
+    full, stopped = llm.generate(["abc", "abc"], params)
+    assert full.token_ids == first and full.text == "" and full.finish_reason == "length"
+    assert stopped.token_ids == first[:3] and stopped.text == "" and stopped.finish_reason == "stop"
+    assert "".join(llm.stream("abc", params[0])) == ""
+
+
 def test_logprobs_are_returned_per_token(llm):
     out = llm.generate("abc", SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
     assert len(out.logprobs) == 4

@@ -35,13 +35,19 @@ def test_invalid_values_name_the_field_and_range(field, value):
     ("top_k", 2.5), ("top_k", True), ("top_p", float("nan")), ("repetition_penalty", float("inf")),
     ("seed", -1), ("seed", "42"), ("seed", 1.5), ("max_tokens", 2.5), ("max_tokens", True), ("logprobs", 1.5),
     ("stop", 5), ("stop_token_ids", ["a"]), ("stop_token_ids", [1.5]), ("stop_token_ids", 7),
-    ("ignore_eos", "no"), ("skip_special_tokens", None),
+    ("ignore_eos", "no"), ("skip_special_tokens", None), ("detokenize", 0),
 ])
 def test_wrong_types_and_non_finite_values_name_the_field_and_range(field, value):
     """A value of the wrong type is refused up front, not accepted to fail (or be silently
     truncated) later, in the middle of an engine step."""
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.*allowed"):
         SamplingParams(**{field: value})
+
+
+def test_stop_strings_need_detokenize():
+    with pytest.raises(ValueError, match=r"SamplingParams\.stop=.*detokenize=False.*stop_token_ids"):
+        SamplingParams(detokenize=False, stop=["\n"])
+    assert SamplingParams(detokenize=False, stop_token_ids=[10]).stop_token_ids == [10]
 
 
 def test_numpy_numbers_are_accepted():
