@@ -42,7 +42,7 @@ def linear(x: np.ndarray, weight: np.ndarray | QuantizedWeight, bias: np.ndarray
     """
     if isinstance(weight, QuantizedWeight):
         y = quantized_matmul(x, weight)  # [N, out]
-    elif weight.flags.c_contiguous:  # row-major
+    elif weight.flags.c_contiguous and x.ndim == 2:  # row-major
         y = (weight @ x.T).T  # [out, in] @ [in, N] -> [N, out]
     else:
         y = x @ weight.T  # [N, out]

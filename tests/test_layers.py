@@ -118,6 +118,7 @@ def test_linear_is_the_same_product_for_either_memory_order(n, in_features, out_
         y = linear(x, stored, bias)
         assert y.shape == (n, out_features) and y.dtype == np.float32
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.sqrt(in_features))
+        np.testing.assert_allclose(linear(x[None], stored, bias)[0], y, rtol=1e-5, atol=1e-5)  # leading axes too
 
 
 def test_write_kv_skips_negative_slots():
