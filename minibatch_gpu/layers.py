@@ -174,7 +174,7 @@ def rope_cos_sin(positions: Any, inv_freq: Any) -> tuple[Any, Any]:
 
     The angle is rounded to float32 before its cosine, as NumPy does: at position 4096 a
     float64 angle would differ by about 1e-4 rad, far more than the twin test's tolerance.
-    Two elementwise array-module calls over ``N * D/2`` angles, once per forward pass.
+    A few elementwise array-module calls over ``N * D/2`` angles, once per forward pass.
     """
     check_array("positions", positions, ndim=1, kind="integer")
     check_array("inv_freq", inv_freq, ndim=1)
