@@ -161,35 +161,32 @@ def _quantize_blocks_kernel(k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, 
             v_cache[block, offset, head, byte] = packed
 
 
-@cuda.jit(device=True)
-def _stage_kivi_keys(k, k_cache, k_scale, k_zero, k_residual, block_tables, seq, row, start, first, own, kv_head,
-                     tile_start, tile_len, tile, thread, num_threads, head_dim):
-    """Copy keys ``tile_start ..`` of sequence ``seq`` into ``tile``: unpacked and
-    dequantized before position ``own`` (the query's own block), in float from there on."""
-    block_size = k_cache.shape[1]
-    for i in range(tile_len):
-        j = tile_start + i
-        block, offset = block_tables[seq, j // block_size], j % block_size
-        for d in range(thread, head_dim, num_threads):
-            if j < own:
-                tile[i, d] = _dequantized_key(k_cache, k_scale, k_zero, block, offset, kv_head, d)
-            else:
-                tile[i, d] = _float_entry(k, k_residual, row, start, first, j, kv_head, d)
+def _tile_stager(dequantized):
+    """The device function that fills an attention tile with keys (``dequantized`` =
+    :func:`_dequantized_key`) or values (:func:`_dequantized_value`): the two differ only
+    in how a stored entry is unpacked (a key's scale is per block and channel, a value's
+    per token and group of channels)."""
+
+    @cuda.jit(device=True)
+    def stage(x, cache, scale, zero, residual, block_tables, seq, row, start, first, own, kv_head,
+              tile_start, tile_len, tile, thread, num_threads, head_dim):
+        """Copy entries ``tile_start ..`` of sequence ``seq`` into ``tile``: unpacked and
+        dequantized before position ``own`` (the query's own block), in float from there on."""
+        block_size = cache.shape[1]
+        for i in range(tile_len):
+            j = tile_start + i
+            block, offset = block_tables[seq, j // block_size], j % block_size
+            for d in range(thread, head_dim, num_threads):
+                if j < own:
+                    tile[i, d] = dequantized(cache, scale, zero, block, offset, kv_head, d)
+                else:
+                    tile[i, d] = _float_entry(x, residual, row, start, first, j, kv_head, d)
+
+    return stage
 
 
-@cuda.jit(device=True)
-def _stage_kivi_values(v, v_cache, v_scale, v_zero, v_residual, block_tables, seq, row, start, first, own, kv_head,
-                       tile_start, tile_len, tile, thread, num_threads, head_dim):
-    """The values' twin of :func:`_stage_kivi_keys` (a value's scale is per token and group)."""
-    block_size = v_cache.shape[1]
-    for i in range(tile_len):
-        j = tile_start + i
-        block, offset = block_tables[seq, j // block_size], j % block_size
-        for d in range(thread, head_dim, num_threads):
-            if j < own:
-                tile[i, d] = _dequantized_value(v_cache, v_scale, v_zero, block, offset, kv_head, d)
-            else:
-                tile[i, d] = _float_entry(v, v_residual, row, start, first, j, kv_head, d)
+_stage_kivi_keys = _tile_stager(_dequantized_key)
+_stage_kivi_values = _tile_stager(_dequantized_value)
 
 
 @cuda.jit
