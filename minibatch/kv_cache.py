@@ -224,7 +224,9 @@ class PagedKVCache:
     """Block allocator with reference counts, prefix caching and copy-on-write (vLLM).
 
     A sequence's tokens live in fixed-size blocks listed in its block table; blocks are
-    handed out from a free pool and come back when no sequence uses them. Full blocks
+    handed out from a free pool and come back when no sequence uses them. Any free block
+    would do, but a sequence gets the block after its last one when that is free, so its
+    blocks mostly lie in order and attention reads them as one stream. Full blocks
     are remembered by a hash of their whole prefix, so a later prompt that starts the
     same way reuses them instead of recomputing. A freed block keeps its contents and
     hash until it is reclaimed, least recently freed first (LRU).
@@ -333,7 +335,9 @@ class PagedKVCache:
         full_prompt_blocks = len(token_ids) // self.block_size
         self.counters.prefix_hit_blocks += len(hits)
         self.counters.prefix_miss_blocks += full_prompt_blocks - len(hits)
-        table = hits + [self._take_free() for _ in range(self.blocks_needed(len(token_ids)) - len(hits))]
+        table = list(hits)
+        for _ in range(self.blocks_needed(len(token_ids)) - len(hits)):
+            table.append(self._take_free(after=table[-1] if table else None))
         self.tables[seq_id] = table
         self.num_tokens[seq_id] = len(token_ids)
         if self.num_residual_rows:
@@ -355,7 +359,7 @@ class PagedKVCache:
             self._forget_hash(table[-1])  # its contents are about to change
         end = start + num_new_tokens
         while len(table) < self.blocks_needed(end):
-            table.append(self._take_free())
+            table.append(self._take_free(after=table[-1] if table else None))
         self.num_tokens[seq_id] = end
         return self.slots(seq_id, start, end)
 
@@ -448,14 +452,36 @@ class PagedKVCache:
             self.free_cached.pop(block_id, None)
         block.ref_count += 1
 
-    def _take_free(self) -> int:
-        block_id = next(iter(self.free_plain or self.free_cached))  # plain first, then LRU
+    def _take_free(self, after: int | None = None) -> int:
+        """Take a free block for new data: ``after + 1`` (``after`` being the sequence's
+        previous block) whenever it is free, so that a sequence's blocks lie side by side
+        in the pool and reading them back streams through memory; if it holds a cached
+        prefix, that prefix is forgotten even when plain blocks are free elsewhere.
+        Otherwise a plain free block, :meth:`_roomiest_plain_block`, and only when none is
+        left a cached one, least recently freed first (LRU).
+        """
+        if after is not None and (after + 1 in self.free_plain or after + 1 in self.free_cached):
+            block_id = after + 1
+        elif self.free_plain:
+            block_id = self._roomiest_plain_block()
+        else:
+            block_id = next(iter(self.free_cached))
         block = self.blocks[block_id]
         if block.block_hash is not None:
             self.counters.evictions += 1
             self._forget_hash(block_id)
         self._take(block_id)
         return block_id
+
+    def _roomiest_plain_block(self) -> int:
+        """The plain free block in the middle of the longest run of consecutive plain free
+        ids: a sequence that starts there has free blocks to grow into, and so does the
+        one whose blocks end just before the run."""
+        free = np.sort(np.fromiter(self.free_plain, dtype=np.int64, count=len(self.free_plain)))  # [F]
+        breaks = np.flatnonzero(np.diff(free) != 1) + 1  # [R-1] where a run of consecutive ids ends
+        starts, ends = np.r_[0, breaks], np.r_[breaks, len(free)]  # [R], [R] runs as index ranges
+        longest = int(np.argmax(ends - starts))
+        return int(free[(starts[longest] + ends[longest]) // 2])
 
     def _release(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -472,7 +498,7 @@ class PagedKVCache:
 
     def _copy_on_write(self, table: list[int]) -> None:
         source = table[-1]
-        target = self._take_free()
+        target = self._take_free(after=table[-2] if len(table) > 1 else None)
         self.pending_copies.append((source, target))
         self.blocks[source].ref_count -= 1  # still used by the others, so never freed here
         table[-1] = target

@@ -41,8 +41,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.contents)))
         if not self.cache.can_append(seq, len(new)):
             return
+        before = list(self.cache.block_table(seq))
+        next_free = bool(before) and (before[-1] + 1 in self.cache.free_plain or
+                                      before[-1] + 1 in self.cache.free_cached)
+        copies = len(self.cache.pending_copies)
         slots = self.cache.append_slots(seq, len(new))
         table = self.cache.block_table(seq)
+        if next_free and len(table) > len(before) and len(self.cache.pending_copies) == copies:
+            assert table[len(before)] == before[-1] + 1  # a growing sequence takes the next block if free
         assert all(self.cache.blocks[b].ref_count == 1 for b in {int(s) // 3 for s in slots} if b in table)
         self.contents[seq] += new
         self.cache.commit(seq, self.contents[seq])
@@ -174,6 +180,55 @@ def test_freed_blocks_stay_cached_until_evicted_least_recently_used_first():
     cache.free("b")
     cache.allocate("c", [5, 5, 5, 5, 5, 5, 5, 5])  # needs all four blocks: evicts both
     assert cache.counters.evictions == 2 and not cache.cached
+
+
+def test_a_sequence_grows_into_the_block_after_its_last():
+    cache = PagedKVCache(num_blocks=16, block_size=2)
+    cache.allocate("a", [1, 2, 3])  # two blocks, side by side
+    first = cache.block_table("a")[0]
+    for _ in range(5):
+        cache.append_slots("a", 2)
+    assert cache.block_table("a") == list(range(first, first + 7))
+
+
+def test_a_new_sequence_starts_in_the_middle_of_the_longest_free_run():
+    cache = PagedKVCache(num_blocks=16, block_size=1)
+    cache.allocate("a", [1])
+    assert cache.block_table("a") == [8]  # the middle of 0..15
+    cache.allocate("b", [1, 2])  # the longest run left is 0..7
+    assert cache.block_table("b") == [4, 5]
+    cache.allocate("c", [1])  # runs 0..3, 6..7 and 9..15: the longest is 9..15
+    assert cache.block_table("c") == [12]
+    cache.append_slots("a", 2)  # a grows into 9 and 10; c still has 13.. to grow into
+    assert cache.block_table("a") == [8, 9, 10]
+
+
+def test_when_the_next_block_is_taken_the_sequence_moves_on_and_stays_adjacent_there():
+    cache = PagedKVCache(num_blocks=8, block_size=1)
+    cache.allocate("a", [1])  # block 4
+    cache.allocate("b", [1])  # block 2 (middle of 0..3)
+    cache.append_slots("b", 1)  # 3 is free: b = [2, 3]
+    cache.append_slots("b", 1)  # 4 is a's: b moves to the middle of the longest run, 5..7
+    cache.append_slots("b", 1)
+    assert cache.block_table("b") == [2, 3, 6, 7]
+
+
+def test_the_block_after_a_sequence_is_taken_even_from_the_prefix_cache():
+    """The one exception to "plain free blocks first, then cached ones, least recently
+    freed first": the block right after a sequence's last is taken whenever it is free,
+    and its cached prefix is forgotten."""
+    cache = PagedKVCache(num_blocks=8, block_size=1)
+    cache.allocate("a", [1])  # block 4, the middle of 0..7
+    cache.allocate("b", [7, 8])  # 2 (the middle of 0..3), then its neighbour 3
+    cache.commit("b", [7, 8])
+    cache.free("b")  # 2 and 3 stay cached
+    cache.allocate("c", [5, 5])  # 6, 7: the middle of the longest plain run, 5..7
+    cache.allocate("d", [6])  # 1: the middle of the plain run 0..1
+    assert [cache.block_table(s) for s in ("a", "c", "d")] == [[4], [6, 7], [1]]
+    assert cache.cached_prefix([7, 8, 9]) == [2, 3]
+    cache.append_slots("d", 1)  # plain 0 and 5 are free, but 2 comes next
+    assert cache.block_table("d") == [1, 2] and cache.counters.evictions == 1
+    assert cache.cached_prefix([7, 8, 9]) == []  # b's prefix lost its first block
 
 
 def test_fork_then_write_copies_the_shared_partial_block():
