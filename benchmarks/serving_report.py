@@ -54,8 +54,15 @@ def summarize(result: RunResult, requests: list[Request]) -> dict[str, Any]:
         "kv_utilisation_mean": statistics.fmean(s.blocks_used / (s.blocks_used + s.blocks_free) for s in log.steps),
         "kv_live_fraction_mean": statistics.fmean(s.live_slots / result.kv_slots for s in samples),
         "kv_waste_mean": mean_waste(samples),
+        "adjacent_block_fraction": adjacent_fraction(samples),
         "ttft_s": [r.ttft for r in records], "tpot_s": [r.tpot for r in records],
     }
+
+
+def adjacent_fraction(samples: list[KVSample]) -> float:
+    """Of all consecutive block-table entries over all steps, the fraction whose block is
+    the neighbour (id + 1) of the one before: how much of the paged reads stream."""
+    return sum(s.adjacent_pairs for s in samples) / max(1, sum(s.block_pairs for s in samples))
 
 
 def mean_waste(samples: list[KVSample], row_len: int | None = None) -> float:
@@ -106,6 +113,7 @@ def memory_report(setup: ServingSetup, config: ModelConfig, static: RunResult, c
         "paged_waste": mean_waste(chunked.kv_samples),
         "paged_waste_memory_bound": mean_waste(bound.kv_samples),
         "paged_waste_goal": 0.04,
+        "adjacent_block_fraction": adjacent_fraction(chunked.kv_samples),
     }
 
 
@@ -176,6 +184,8 @@ def print_memory(memory: dict[str, Any], bound: dict[str, Any], static: dict[str
           f"(static run), {memory['contiguous_waste_same_schedule']:.1%} (continuous schedule); "
           f"paged {memory['paged_waste']:.1%} (memory-bound run {memory['paged_waste_memory_bound']:.1%}); "
           f"goal < {memory['paged_waste_goal']:.0%}")
+    print(f"  paged block tables in order (an entry's block the neighbour of the one before): "
+          f"{memory['adjacent_block_fraction']:.1%} (memory-bound run {bound['adjacent_block_fraction']:.1%})")
     print(f"  the memory-bound paged run (chunked prefill, max_num_seqs={bound['settings']['max_num_seqs']}): "
           f"{bound['output_tokens_per_s']:.1f} output tokens/s "
           f"({bound['output_tokens_per_s'] / static['output_tokens_per_s']:.2f}x static batching), "

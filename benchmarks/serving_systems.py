@@ -45,6 +45,8 @@ class KVSample:
     live_slots: int
     allocated_slots: int
     padding_tokens: int = 0
+    block_pairs: int = 0  # consecutive entries of the block tables (paged only)
+    adjacent_pairs: int = 0  # ... of which the second block is the first's neighbour in the pool
 
 
 @dataclass(slots=True)
@@ -101,9 +103,13 @@ def setup_for(requests: list[Request], max_num_seqs: int, max_num_batched_tokens
 
 def paged_sample(cache: PagedKVCache) -> KVSample:
     """Slots the running sequences hold vs slots their block tables reserve (per sequence:
-    a block shared through the prefix cache counts once for each sequence using it)."""
-    allocated = sum(len(table) for table in cache.tables.values()) * cache.block_size
-    return KVSample(len(cache.tables), sum(cache.num_tokens.values()), allocated)
+    a block shared through the prefix cache counts once for each sequence using it), and
+    how many consecutive table entries are neighbouring blocks (reads that stream)."""
+    tables = cache.tables.values()
+    allocated = sum(len(table) for table in tables) * cache.block_size
+    pairs = sum(len(table) - 1 for table in tables if table)
+    adjacent = sum(b == a + 1 for table in tables for a, b in zip(table, table[1:], strict=False))
+    return KVSample(len(cache.tables), sum(cache.num_tokens.values()), allocated, 0, pairs, adjacent)
 
 
 def admit_arrived(engine: LLMEngine, pending: deque[Request], start: float) -> None:
