@@ -24,7 +24,7 @@ from minibatch.engine import LLMEngine
 from minibatch.kv_cache import ContiguousKVCache, PagedKVCache
 from minibatch.metrics import EventLog, RequestRecord, StepRecord
 from minibatch.model import ForwardBatch, ModelRunner
-from minibatch.sampling import SamplingParams
+from minibatch.sampling import RequestOutputKind, SamplingParams
 
 STATIC, PREFILL_FIRST, CHUNKED = "static", "continuous", "continuous_chunked"
 PAD_TOKEN = 0  # what static batching left-pads prompts with (computed, never attended to)
@@ -85,9 +85,11 @@ class ServingSetup:
 
 
 def greedy(max_tokens: int) -> SamplingParams:
-    """Exactly ``max_tokens`` greedy tokens, whatever the model says, as token ids: no text
-    is decoded (``detokenize=False``), as static batching returns ids, like ``generate``."""
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    """Exactly ``max_tokens`` greedy tokens, whatever the model says, as token ids and at
+    the end: no text is decoded (``detokenize=False``) and no output is built before the
+    request finishes (``FINAL_ONLY``), as static batching returns, like ``generate``."""
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 def setup_for(requests: list[Request], max_num_seqs: int, max_num_batched_tokens: int,

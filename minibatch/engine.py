@@ -10,7 +10,7 @@ the sequences whose chunk reached their end, and records what happened in the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,15 @@ from minibatch.metrics import EventLog, RequestRecord, StepRecord
 from minibatch.model import ForwardBatch, ModelRunner, ModelWeights
 from minibatch.outputs import CompletionOutput, RequestMetrics, RequestOutput, TextTracker
 from minibatch.quant import check_scheme, quantization_of, quantize_model
-from minibatch.sampling import SamplingParams, is_int, is_number, make_generator, sample_token, top_logprobs
+from minibatch.sampling import (
+    RequestOutputKind,
+    SamplingParams,
+    is_int,
+    is_number,
+    make_generator,
+    sample_token,
+    top_logprobs,
+)
 from minibatch.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus, get_policy
 from minibatch.tokenizer import Tokenizer, load_tokenizer
 
@@ -109,15 +117,29 @@ class RequestState:
     logprobs: list[list[dict[int, float]] | None]
     record: RequestRecord
     forked: bool = False
+    sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # sample -> (tokens, characters) sent (DELTA)
 
     @property
     def finished(self) -> bool:
         return len(self.sequences) == self.params.n and all(s.status.finished for s in self.sequences)
 
-    def output(self) -> RequestOutput:
-        completions = [CompletionOutput(s.sample_index, text.text, list(s.output_token_ids),
-                                        s.status.finish_reason, logprobs)
-                       for s, text, logprobs in zip(self.sequences, self.texts, self.logprobs, strict=True)]
+    def output(self) -> RequestOutput | None:
+        """This step's output, as ``params.output_kind`` asks: everything so far, what is
+        new since the last output, or (``FINAL_ONLY``) None until the request finishes."""
+        kind = self.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
+            return None
+        completions = []
+        for s, text, logprobs in zip(self.sequences, self.texts, self.logprobs, strict=True):
+            tokens, chars = s.output_token_ids, text.text
+            if kind == RequestOutputKind.DELTA:
+                num_tokens, num_chars = self.sent.get(s.sample_index, (0, 0))
+                self.sent[s.sample_index] = (len(tokens), len(chars))
+                tokens, chars = tokens[num_tokens:], chars[num_chars:]
+                logprobs = None if logprobs is None else logprobs[num_tokens:]
+            elif logprobs is not None:
+                logprobs = list(logprobs)
+            completions.append(CompletionOutput(s.sample_index, chars, tokens, s.status.finish_reason, logprobs))
         record = self.record
         metrics = RequestMetrics(record.arrival_time, record.token_times[0] if record.token_times else None,
                                  record.finished_time)
@@ -248,7 +270,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns the outputs of requests that produced tokens or finished."""
+        """Run one iteration; returns the outputs of requests that produced tokens or finished
+        (with ``output_kind=FINAL_ONLY``: finished only), in the form their ``output_kind`` asks."""
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         for sequence in scheduled.preempted:
@@ -275,7 +298,7 @@ class LLMEngine:
             if state.finished:
                 state.record.finished_time = now
                 del self.requests[state.request_id]
-        return [state.output() for state in advanced.values()]
+        return [output for state in advanced.values() if (output := state.output()) is not None]
 
     def _build_batch(self, scheduled: SchedulerOutput) -> ForwardBatch:
         entries = []

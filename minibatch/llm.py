@@ -9,6 +9,7 @@ and yields text as it becomes final.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from minibatch.engine import LLMEngine, PromptType
 from minibatch.kv_cache import ContiguousKVCache
 from minibatch.model import ForwardBatch
 from minibatch.outputs import RequestOutput
-from minibatch.sampling import SamplingParams, is_int
+from minibatch.sampling import RequestOutputKind, SamplingParams, is_int
 
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "tiny-target"
@@ -70,7 +71,7 @@ class LLM:
         If any prompt is invalid, nothing is queued and ``ValueError`` says which. If
         generation is interrupted (an exception, Ctrl-C), the unfinished requests are aborted.
         """
-        request_ids = self._add_requests(prompts, sampling_params)
+        request_ids = self._add_requests(prompts, sampling_params, RequestOutputKind.FINAL_ONLY)
         finished: dict[str, RequestOutput] = {}
         try:
             while len(finished) < len(request_ids):
@@ -93,7 +94,7 @@ class LLM:
                        sampling_params: SamplingParams | None = None) -> Iterator[tuple[str, RequestOutput]]:
         """Like :meth:`stream`, also yielding the request's latest output (with timings).
         Leaving the loop early aborts the request and frees its blocks."""
-        (request_id,) = self._add_requests([prompt], sampling_params)
+        (request_id,) = self._add_requests([prompt], sampling_params, RequestOutputKind.CUMULATIVE)
         emitted, done = 0, False
         try:
             while not done:
@@ -127,8 +128,10 @@ class LLM:
         return self.runner.run(batch, self.runner.new_kv(cache.num_blocks, cache.block_size))
 
     def _add_requests(self, prompts: PromptType | Sequence[PromptType],
-                      sampling_params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
-        """Queue every prompt, or none of them if one is rejected: all are checked first."""
+                      sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                      output_kind: RequestOutputKind) -> list[str]:
+        """Queue every prompt, or none of them if one is rejected: all are checked first.
+        Each request gets a copy of its parameters with the ``output_kind`` the caller reads."""
         if not isinstance(prompts, (list, tuple)) or (prompts and is_int(prompts[0])):
             prompts = [prompts]  # a single prompt
         if isinstance(sampling_params, (list, tuple)):
@@ -138,6 +141,8 @@ class LLM:
                                  "pass one for all prompts or exactly one per prompt")
         else:
             params_list = [SamplingParams() if sampling_params is None else sampling_params] * len(prompts)
+        params_list = [replace(params, output_kind=output_kind) if isinstance(params, SamplingParams) else params
+                       for params in params_list]
         checked = [self.engine.check_request(prompt, params) for prompt, params in zip(prompts, params_list,
                                                                                           strict=True)]
         added: list[str] = []

@@ -11,9 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import IntEnum
 from numbers import Integral, Real
 
 import numpy as np
+
+
+class RequestOutputKind(IntEnum):
+    """What ``LLMEngine.step`` returns for a request, as in vLLM: everything generated so
+    far (``CUMULATIVE``), only what is new since its last output (``DELTA``), or nothing
+    until it finishes (``FINAL_ONLY``, what ``LLM.generate`` asks for)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(slots=True)
@@ -37,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None  # return the top-n log-probabilities per generated token
     skip_special_tokens: bool = True  # False: BOS/EOS and other special tokens appear in the text
     detokenize: bool = True  # False: token ids only, the text stays empty (no stop strings then)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each engine step returns
 
     def __post_init__(self) -> None:
         self.stop = _as_list([self.stop] if isinstance(self.stop, str) else self.stop, "stop",
@@ -64,6 +76,8 @@ class SamplingParams:
         _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", self.skip_special_tokens,
                "True or False")
         _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "True or False")
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
+               "RequestOutputKind.CUMULATIVE, DELTA or FINAL_ONLY")
         _check(self.detokenize or not self.stop, "stop", self.stop,
                "none with detokenize=False (a stop string is found in the text): pass stop_token_ids instead")
 

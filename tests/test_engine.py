@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from minibatch import SamplingParams
 from minibatch.engine import EngineConfig, LLMEngine
+from minibatch.sampling import RequestOutputKind
 from tests.helpers import FIXTURES
 
 MODEL = FIXTURES / "llama_gqa"
@@ -124,6 +125,47 @@ def test_parallel_samples_share_the_prompt_and_match_single_runs(engine):
     single = run_all(engine, [prompt], [SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)])
     assert final.outputs[0].token_ids == single["0"]
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def outputs_of_each_step(engine: LLMEngine, kind: RequestOutputKind) -> list[list]:
+    """Every step's outputs for one seeded n=2 request with logprobs, in ``kind``."""
+    engine.reset()
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, ignore_eos=True, logprobs=1,
+                            output_kind=kind)
+    engine.add_request("r", {"prompt_token_ids": list(range(40, 52))}, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append(engine.step())
+    return steps
+
+
+def test_output_kinds_deliver_the_same_completions(engine):
+    cumulative = outputs_of_each_step(engine, RequestOutputKind.CUMULATIVE)
+    delta = outputs_of_each_step(engine, RequestOutputKind.DELTA)
+    final_only = outputs_of_each_step(engine, RequestOutputKind.FINAL_ONLY)
+    final = cumulative[-1][0]
+    assert final.finished and len(final.outputs) == 2 and all(len(c.token_ids) == 9 for c in final.outputs)
+    assert all(len(step) == 1 for step in cumulative)  # one output every step, the last one finished
+    # FINAL_ONLY: nothing until the end, then the same output
+    assert [len(step) for step in final_only] == [0] * (len(final_only) - 1) + [1]
+    assert final_only[-1][0].outputs == final.outputs
+    # DELTA: each output holds only what is new; joined up, they are the final completions
+    for completion in final.outputs:
+        pieces = [c for step in delta for c in step[0].outputs if c.index == completion.index]
+        assert sum((c.token_ids for c in pieces), []) == completion.token_ids
+        assert "".join(c.text for c in pieces) == completion.text
+        assert sum((c.logprobs for c in pieces), []) == completion.logprobs
+        assert pieces[-1].finish_reason == completion.finish_reason == "length"
+        assert all(len(c.token_ids) <= 1 for c in pieces)  # one new token per step
+
+
+def test_llm_generate_returns_the_final_output_whatever_kind_was_asked():
+    from minibatch import LLM
+    llm = LLM(MODEL, block_size=4, num_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    (output,) = llm.generate([list(range(40, 52))], params)
+    assert output.finished and len(output.token_ids) == 5
+    assert params.output_kind == RequestOutputKind.DELTA  # the caller's parameters are not changed
 
 
 def test_abort_frees_blocks_at_once(engine):

@@ -35,7 +35,8 @@ def test_invalid_values_name_the_field_and_range(field, value):
     ("top_k", 2.5), ("top_k", True), ("top_p", float("nan")), ("repetition_penalty", float("inf")),
     ("seed", -1), ("seed", "42"), ("seed", 1.5), ("max_tokens", 2.5), ("max_tokens", True), ("logprobs", 1.5),
     ("stop", 5), ("stop_token_ids", ["a"]), ("stop_token_ids", [1.5]), ("stop_token_ids", 7),
-    ("ignore_eos", "no"), ("skip_special_tokens", None), ("detokenize", 0),
+    ("ignore_eos", "no"), ("skip_special_tokens", None), ("detokenize", 0), ("output_kind", 2),
+    ("output_kind", "final_only"),
 ])
 def test_wrong_types_and_non_finite_values_name_the_field_and_range(field, value):
     """A value of the wrong type is refused up front, not accepted to fail (or be silently
