@@ -111,7 +111,8 @@ def paged_sample(cache: PagedKVCache) -> KVSample:
     allocated = sum(len(table) for table in tables) * cache.block_size
     pairs = sum(len(table) - 1 for table in tables if table)
     adjacent = sum(b == a + 1 for table in tables for a, b in zip(table, table[1:], strict=False))
-    return KVSample(len(cache.tables), sum(cache.num_tokens.values()), allocated, 0, pairs, adjacent)
+    return KVSample(len(cache.tables), sum(cache.num_tokens.values()), allocated, block_pairs=pairs,
+                    adjacent_pairs=adjacent)
 
 
 def admit_arrived(engine: LLMEngine, pending: deque[Request], start: float) -> None:
