@@ -51,6 +51,7 @@ class EngineConfig:
     kv_cache_memory: int = 256 * 2**20  # bytes for K and V of all layers (in kv_cache_dtype)
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
+    long_prefill_token_threshold: int = 0  # most prompt tokens of one sequence per step; 0: no cap
     policy: str = "fcfs"  # "fcfs" | "priority" | "prefill_first"
     enable_prefix_caching: bool = True
     watermark: float = 0.01  # fraction of blocks kept free when admitting
@@ -70,7 +71,13 @@ class EngineConfig:
                  "an integer >= 1")
         _setting(is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                  self.max_num_batched_tokens, "an integer >= 1 (tokens one step may compute)")
-        get_policy(self.policy)
+        _setting(is_int(self.long_prefill_token_threshold) and self.long_prefill_token_threshold >= 0,
+                 "long_prefill_token_threshold", self.long_prefill_token_threshold,
+                 "an integer >= 0 (most prompt tokens one sequence computes per step; 0 for no cap)")
+        policy = get_policy(self.policy)
+        _setting(policy.chunked_prefill or self.long_prefill_token_threshold == 0, "long_prefill_token_threshold",
+                 self.long_prefill_token_threshold, f"0 with policy '{self.policy}', which never splits a prompt "
+                 "(or choose policy 'fcfs' or 'priority' to cap prompt chunks)")
         _setting(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
                  "True or False")
         _setting(is_number(self.watermark) and 0 <= self.watermark < 1, "watermark", self.watermark,
@@ -197,7 +204,7 @@ class LLMEngine:
                                   cfg.num_residual_rows)
         self.runner.allocate_kv(self.cache.num_blocks, cfg.block_size, max(1, cfg.num_residual_rows))
         self.scheduler = Scheduler(self.cache, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.policy,
-                                   cfg.watermark)
+                                   cfg.watermark, cfg.long_prefill_token_threshold)
         self.requests: dict[str, RequestState] = {}
         self.log = EventLog()
         self._next_seq_id = 0

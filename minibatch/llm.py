@@ -49,9 +49,9 @@ class LLM:
     ``"int4-g64"``, ``"int4-g128"``, ``"q8_0"``, ``"q4_0"``; see :mod:`minibatch.quant`).
     A checkpoint saved quantized (``minibatch quantize``) loads as it is. Other
     keyword arguments configure the engine (see :class:`~minibatch.engine.EngineConfig`:
-    ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``kv_cache_memory``,
-    ``num_blocks``, ``policy``, ``enable_prefix_caching``, ``watermark``,
-    ``kv_cache_dtype``).
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``long_prefill_token_threshold``,
+    ``block_size``, ``kv_cache_memory``, ``num_blocks``, ``policy``,
+    ``enable_prefix_caching``, ``watermark``, ``kv_cache_dtype``).
     """
 
     def __init__(self, model: str | Path | None = None, backend: str = "numpy", quantization: str | None = None,

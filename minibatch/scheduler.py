@@ -8,8 +8,10 @@ preempting (and later recomputing) the newest sequence.
 
 The default policy runs the way Sarathi-Serve describes: running decodes first, so
 they never stall; the rest of the budget goes to prefill chunks; new requests join
-without pausing anyone. Policies differ only in a few small decisions, collected in
-:class:`SchedulingPolicy`.
+without pausing anyone. With ``long_prefill_token_threshold`` (vLLM's option of that
+name) a prompt gets at most that many tokens a step, so several prompts share the
+leftover budget instead of the oldest taking all of it. Policies differ only in a few
+small decisions, collected in :class:`SchedulingPolicy`.
 """
 
 from __future__ import annotations
@@ -160,10 +162,13 @@ class Scheduler:
     """Builds each step's batch; owns the waiting and running queues and the KV blocks."""
 
     def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: SchedulingPolicy | str = "fcfs", watermark: float = 0.01):
+                 policy: SchedulingPolicy | str = "fcfs", watermark: float = 0.01,
+                 long_prefill_token_threshold: int = 0):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # with chunked prefill, the most prompt tokens one sequence gets per step (0: no cap)
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.watermark_blocks = int(watermark * cache.num_blocks)
         self.waiting: list[Sequence] = []
@@ -223,7 +228,7 @@ class Scheduler:
         queue = deque(sorted(self.running, key=lambda s: (not s.is_decoding, s.arrival_time, s.seq_id)))
         while queue and budget > 0:
             sequence = queue.popleft()
-            num_tokens = min(sequence.num_uncomputed_tokens, budget)
+            num_tokens = self._chunk(sequence, budget)
             if num_tokens < sequence.num_uncomputed_tokens and not self.policy.chunked_prefill:
                 continue
             if not self._claim_slots(sequence, num_tokens, queue, out):
@@ -231,6 +236,16 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(sequence, num_tokens))
             budget -= num_tokens
         return budget
+
+    def _chunk(self, sequence: Sequence, budget: int) -> int:
+        """Tokens of ``sequence`` to compute this step: all it has left, within the budget
+        and, for a prompt (or a recomputation) under a chunking policy, within
+        ``long_prefill_token_threshold`` when that is set."""
+        num_tokens = min(sequence.num_uncomputed_tokens, budget)
+        cap = self.long_prefill_token_threshold
+        if cap and self.policy.chunked_prefill and not sequence.is_decoding:
+            num_tokens = min(num_tokens, cap)
+        return num_tokens
 
     def _claim_slots(self, sequence: Sequence, num_tokens: int, queue: deque, out: SchedulerOutput) -> bool:
         """Make room for ``num_tokens`` more slots, preempting the newest sequences not yet
@@ -274,7 +289,7 @@ class Scheduler:
             self.running.append(sequence)
             seats_taken += self.seats(sequence)
             sequence.status = SequenceStatus.RUNNING
-            num_tokens = min(sequence.num_uncomputed_tokens, budget)
+            num_tokens = self._chunk(sequence, budget)
             out.scheduled.append(ScheduledSequence(sequence, num_tokens))
             budget -= num_tokens
         return budget

@@ -59,19 +59,22 @@ workloads = st.lists(st.tuples(st.lists(st.integers(3, VOCAB - 1), min_size=1, m
 
 
 @settings(max_examples=12, deadline=None)
-@given(workloads, st.sampled_from([1, 2, 4, 8]), st.integers(1, 24), st.integers(2, 6),
-       st.sampled_from(["fcfs", "priority", "prefill_first"]), st.booleans())
-def test_batch_invariance(requests, block_size, budget, max_num_seqs, policy, prefix_caching):
-    """Whatever the arrival order, block size, token budget, pool size (small enough to
-    force preemption) and policy, each request's greedy tokens are its tokens alone."""
+@given(workloads, st.sampled_from([1, 2, 4, 8]), st.integers(1, 24), st.sampled_from([0, 1, 3, 8]),
+       st.integers(2, 6), st.sampled_from(["fcfs", "priority", "prefill_first"]), st.booleans())
+def test_batch_invariance(requests, block_size, budget, chunk_cap, max_num_seqs, policy, prefix_caching):
+    """Whatever the arrival order, block size, token budget, prompt chunk cap
+    (``long_prefill_token_threshold``), pool size (small enough to force preemption) and
+    policy, each request's greedy tokens are its tokens alone."""
     alone = LLMEngine(MODEL, block_size=block_size, num_blocks=64)
     expected = [reference_tokens(alone, prompt, max_tokens) for prompt, max_tokens, _ in requests]
     longest = max(len(prompt) + max_tokens for prompt, max_tokens, _ in requests)
     if policy == "prefill_first":
         budget = max(budget, longest)  # whole sequences must fit one step
+        chunk_cap = 0  # and are never cut
     blocks_for_longest = -(-longest // block_size)
     engine = LLMEngine(MODEL, block_size=block_size, num_blocks=blocks_for_longest + 1, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=budget, policy=policy, enable_prefix_caching=prefix_caching)
+                       max_num_batched_tokens=budget, long_prefill_token_threshold=chunk_cap, policy=policy,
+                       enable_prefix_caching=prefix_caching)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m, _ in requests]
     got = run_all(engine, [p for p, _, _ in requests], params, [a for _, _, a in requests])
     for i, (tokens, trusted) in enumerate(expected):
@@ -225,6 +228,7 @@ def test_rejected_requests_leave_the_engine_unchanged(prompt, params, options, m
     ("block_size", 0, None), ("block_size", 2.5, None), ("num_blocks", 0, None), ("kv_cache_memory", 0, None),
     ("max_num_seqs", 0, None), ("max_num_batched_tokens", 0, None), ("watermark", 1.0, None),
     ("watermark", -0.1, None), ("watermark", float("nan"), None), ("enable_prefix_caching", "yes", None),
+    ("long_prefill_token_threshold", -1, None), ("long_prefill_token_threshold", 4.0, None),
     ("policy", "lifo", "unknown scheduling policy 'lifo': choose one of"),
     ("kv_cache_dtype", "fp8", "kv_cache_dtype 'fp8' is not supported: choose one of"),
 ])
@@ -237,6 +241,29 @@ def test_bad_engine_settings_name_the_field_and_range(field, value, message):
         EngineConfig(**{field: value})
     with pytest.raises(ValueError, match=message):
         LLMEngine(MODEL, **{field: value})
+
+
+def test_a_chunk_cap_with_a_policy_that_never_chunks_is_refused():
+    with pytest.raises(ValueError, match=r"long_prefill_token_threshold=8.*0 with policy 'prefill_first'"):
+        EngineConfig(policy="prefill_first", long_prefill_token_threshold=8)
+
+
+def test_long_prefill_token_threshold_lets_a_short_prompt_past_a_long_one():
+    """Uncapped, a long prompt takes the whole budget and the short one behind it waits
+    for the leftovers; capped at 16 tokens a step, the short prompt is computed beside the
+    long one's first chunk (its first token two steps sooner, the long one's two steps
+    later). Decodes are never capped, and the tokens are the same either way."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [list(range(3, 63)), list(range(70, 78))]  # 60 tokens, then 8
+    steps, outputs = {}, {}
+    for cap in (0, 16):
+        engine = LLMEngine(MODEL, block_size=4, num_blocks=64, max_num_batched_tokens=32,
+                           long_prefill_token_threshold=cap)
+        outputs[cap] = run_all(engine, prompts, [params] * 2)
+        steps[cap] = [{request: tokens for request, _, tokens in step.scheduled} for step in engine.log.steps]
+    assert steps[0][:3] == [{"0": 32}, {"0": 28, "1": 4}, {"0": 1, "1": 4}]
+    assert steps[16][:4] == [{"0": 16, "1": 8}, {"0": 16, "1": 1}, {"0": 16, "1": 1}, {"0": 12, "1": 1}]
+    assert outputs[16] == outputs[0]
 
 
 def test_engine_config_and_keyword_settings_together_are_refused():
