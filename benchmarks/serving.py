@@ -8,9 +8,9 @@ prompt lengths, long-tailed output lengths, greedy, ``ignore_eos``, token ids on
   decode *all* of them every step until the longest is done (finished rows keep computing
   padding), only then start the next batch. It runs on a contiguous KV cache of
   max-length rows (``ContiguousKVCache`` and the engine's ``ModelRunner``, no engine);
-* **continuous batching** (Orca): ``LLMEngine`` with ``policy="prefill_first"``: a finished
-  sequence's slot is refilled at the next step, but whole prompts run alone and stall the
-  decodes;
+* **continuous batching** (Orca's iteration-level scheduling, in early vLLM's form):
+  ``LLMEngine`` with ``policy="prefill_first"``: a finished sequence's slot is refilled at
+  the next step, but whole prompts run alone and stall the decodes;
 * **continuous batching with chunked prefill** (Sarathi-Serve): ``LLMEngine`` with
   ``policy="fcfs"``: decodes first, prompt chunks fill the rest of the token budget.
 
@@ -20,12 +20,12 @@ fit and how much of the allocated KV holds no token (contiguous max-length rows 
 blocks). The three systems run again on the same prompts with heavy-tailed answer
 lengths (the ``chat`` preset), and on the first workload's answers after short prompts
 (the ``short`` preset), and a table gives the continuous/static ratio on each workload
-beside the most a continuous batcher could gain on it. Last, how decode
+beside two estimates of what a continuous batcher gains on it. Last, how decode
 throughput scales with batch size on a SmolLM2-135M-shaped checkpoint (at batch 1 decode
 is memory-bound, so more sequences per step come cheap until arithmetic takes over),
 and where a step's time goes at each batch size.
 
-    python benchmarks/serving.py [--model DIR] [--num-requests 32] [--arrival offline|poisson]
+    python benchmarks/serving.py [--model DIR] [--num-requests 128] [--arrival offline|poisson]
         [--rate R] [--max-num-seqs 32] [--max-num-batched-tokens 256] [--block-size 16]
         [--chat-output MEDIAN CAP] [--short-input MIN MAX] [--repeats 3] [--quick] [--skip-chat] [--skip-135m]
         [--backend numpy|gpu]

@@ -3,7 +3,7 @@
 * static batching on a contiguous KV cache of max-length rows (``run_static``), the way
   Hugging Face ``generate`` serves;
 * continuous batching on ``LLMEngine``'s paged cache (``run_engine``), with the policy
-  ``prefill_first`` (Orca) or ``fcfs`` (chunked prefill, Sarathi-Serve).
+  ``prefill_first`` (early vLLM) or ``fcfs`` (chunked prefill, Sarathi-Serve).
 
 Each run returns a ``RunResult``: the engine's ``EventLog``, the generated tokens and a
 sample of the KV cache after every step. ``benchmarks/serving.py`` runs them.

@@ -118,7 +118,8 @@ class SchedulingPolicy:
     """The decisions a scheduling policy makes; everything else is shared.
 
     * ``chunked_prefill``: may a prompt be split across steps?
-    * ``prefill_first``: run waiting prompts alone before any decode (Orca / early vLLM)
+    * ``prefill_first``: run waiting prompts alone before any decode (early vLLM; Orca
+      put whole prompts in the same steps as decodes)
       instead of decodes first with prefill chunks in the leftover budget;
     * ``by_priority``: order the queue (and choose victims) by ``Sequence.priority``.
     """
