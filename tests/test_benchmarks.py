@@ -18,6 +18,7 @@ import pytest
 from tests.helpers import FIXTURES
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import prefill_cap  # noqa: E402
 import serving  # noqa: E402
 import serving_scaling  # noqa: E402
 from workload import (  # noqa: E402
@@ -277,6 +278,19 @@ def test_quick_cli_writes_a_sane_report(tmp_path):
     assert saved["by_output_lengths"]["chat"]["output_len"]["kind"] == "capped_lognormal"
     assert all(w["completed"] for w in saved["by_output_lengths"].values())
     assert report["decode_scaling"] is None
+
+
+def test_prefill_cap_benchmark_caps_every_prompt_chunk_and_reports_against_no_cap(tmp_path):
+    report = prefill_cap.main(["--model", str(MODEL), "--quick", "--long-input", "100", "150", "--short-input", "4",
+                               "12", "--output-len", "2", "8", "--caps", "8", "24", "--rate", "1e6",
+                               "--max-num-batched-tokens", "32", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "prefill_cap.json").read_text())
+    assert [row["cap"] for row in saved["rows"]] == [0, 8, 24]  # the uncapped baseline is always run
+    assert saved["num_long"] == round(0.2 * 12)
+    largest = {row["cap"]: row["largest_prompt_chunk"] for row in report["rows"]}
+    assert largest[0] > 24 and largest[8] == 8 and largest[24] == 24  # uncapped, a long prompt takes more
+    uncapped = report["rows"][0]
+    assert uncapped["short_ttft_p50_s_vs_uncapped"] == 1.0 and uncapped["long_ttft_p50_s"] > 0
 
 
 def test_a_workload_too_long_for_the_model_is_refused():
