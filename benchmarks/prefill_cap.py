@@ -13,7 +13,7 @@ falls on all of them alike; each figure is the median over the rounds, and each 
 to the uncapped run of the same round. ``largest_prompt_chunk`` is the most prompt
 tokens any sequence computed in one step: the cap at work.
 
-    python benchmarks/prefill_cap.py [--rate 20] [--num-requests 96] [--caps 0 32 64 128] [--repeats 3]
+    python benchmarks/prefill_cap.py [--rate 15] [--num-requests 96] [--caps 0 32 64 128] [--repeats 5]
         [--long-fraction 0.2] [--long-input 600 800] [--short-input 16 48] [--output-len 16 128]
         [--model DIR] [--quick]
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: embedded)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "gpu"])
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second (Poisson)")
+    parser.add_argument("--rate", type=float, default=15.0, help="requests per second (Poisson)")
     parser.add_argument("--num-requests", type=int, default=96)
     parser.add_argument("--long-fraction", type=float, default=0.2, help="share of requests with a long prompt")
     parser.add_argument("--long-input", type=int, nargs=2, default=[600, 800], metavar=("MIN", "MAX"))
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="values of long_prefill_token_threshold; 0 (no cap) is the baseline")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 12 requests, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
