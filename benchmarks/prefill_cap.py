@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from serving_report import summarize
 from serving_systems import replay
 from workload import Request, random_tokens
 
 from minibatch.engine import LLMEngine
 from minibatch.llm import DEFAULT_MODEL
-from minibatch.metrics import EventLog
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,28 +82,24 @@ def mixed_requests(args: argparse.Namespace) -> list[Request]:
     return requests
 
 
-def measure(log: EventLog, requests: list[Request], wall: float) -> dict[str, float]:
-    """TTFT percentiles of the short and the long prompts, TPOT, throughput and the
-    largest prompt chunk of one run."""
-    ttft = {kind: [log.requests[r.request_id].ttft for r in requests if r.request_id.startswith(kind)]
-            for kind in ("short", "long")}
-    tpot = [log.requests[r.request_id].tpot for r in requests if r.max_tokens > 1]
-    row = {f"{kind}_ttft_p{q}_s": float(np.percentile(times, q)) if times else float("nan")
-           for kind, times in ttft.items() for q in (50, 90)}
-    row.update(tpot_p50_s=float(np.percentile(tpot, 50)), tpot_p99_s=float(np.percentile(tpot, 99)),
-               output_tokens_per_s=sum(r.max_tokens for r in requests) / wall,
-               largest_prompt_chunk=max((tokens for step in log.steps for _, _, tokens in step.scheduled if tokens > 1),
-                                        default=0))
-    return row
-
-
 def run_cap(args: argparse.Namespace, requests: list[Request], cap: int) -> dict[str, float]:
+    """One run with ``long_prefill_token_threshold=cap``: the short and the long prompts'
+    TTFT percentiles, TPOT and throughput (from the serving benchmark's summary) and the
+    largest prompt chunk any step computed."""
     engine = LLMEngine(args.model, args.backend, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, long_prefill_token_threshold=cap)
     result = replay(engine, requests, f"cap {cap}")
-    wall = max(record.finished_time for record in result.log.requests.values()) - result.start
-    assert all(len(result.outputs[r.request_id]) == r.max_tokens for r in requests), "a request did not finish"
-    return measure(result.log, requests, wall)
+    summary = summarize(result, requests)
+    if not summary["completed"]:
+        raise RuntimeError(f"cap {cap}: a request did not get all its max_tokens")
+    ttft = {kind: [result.log.requests[r.request_id].ttft for r in requests if r.request_id.startswith(kind)]
+            for kind in ("short", "long")}
+    row = {f"{kind}_ttft_p{q}_s": float(np.percentile(times, q)) if times else float("nan")
+           for kind, times in ttft.items() for q in (50, 90)}
+    row.update({key: summary[key] for key in ("tpot_p50_s", "tpot_p99_s", "output_tokens_per_s")})
+    row["largest_prompt_chunk"] = max((tokens for step in result.log.steps for _, _, tokens in step.scheduled
+                                       if tokens > 1), default=0)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
